@@ -1,0 +1,260 @@
+//! The four calls, against any service of the mesh (or any server of the API).
+
+use std::{io::Write, time::Duration};
+
+use clap::Args;
+use futures::StreamExt;
+use runmesh_proto::ping::v1::{
+    SendRequest, SendStreamRequest, ping_service_client::PingServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
+
+use crate::output;
+
+/// Which RPC to make.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Send,
+    Stream,
+    Collect,
+    Chat,
+}
+
+/// Arguments shared by the four calls.
+#[derive(Debug, Args)]
+pub(crate) struct CallArgs {
+    /// Service to call: `http://` for h2c, `https://` for TLS with the system roots.
+    #[arg(long, env = "RUNMESH_TARGET", default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// Text carried by every ping.
+    #[arg(long, default_value = "hello")]
+    message: String,
+    /// Pings to send (collect, chat) or pongs to ask for (stream; 0 = until cancelled).
+    #[arg(long, default_value_t = 3)]
+    count: i32,
+    /// Pause between messages, e.g. `100ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// Bytes of payload in every ping.
+    #[arg(long, default_value_t = 0)]
+    payload_size: usize,
+    /// ID token sent as `authorization: Bearer`; never printed.
+    #[arg(long, env = "RUNMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Give up after this long, e.g. `5s`; sent upstream as `grpc-timeout`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    deadline: Option<Duration>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CallArgs {
+    /// The arguments `runmesh up` uses for its demo calls.
+    pub(crate) fn demo(target: &str, token: &str) -> Self {
+        Self {
+            target: target.to_string(),
+            message: "hello".to_string(),
+            count: 3,
+            interval: None,
+            payload_size: 16,
+            token: Some(token.to_string()),
+            deadline: Some(Duration::from_secs(10)),
+            json: false,
+        }
+    }
+}
+
+/// gRPC's name for a status code, as grpcurl and the other gRPC tools print it.
+pub(crate) fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A channel to `target`: h2c for `http://`, TLS with the system roots for `https://`.
+pub(crate) async fn connect(target: &str) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(target.to_string())
+        .map_err(|e| format!("bad --target {target:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if target.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .map_err(|e| format!("TLS for {target}: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {target}: {e}"))
+}
+
+struct Caller {
+    client: PingServiceClient<Channel>,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    deadline: Option<Duration>,
+}
+
+impl Caller {
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        if let Some(d) = self.deadline {
+            request.set_timeout(d);
+        }
+        request
+    }
+}
+
+fn print(json: bool, text: String, value: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = if json {
+        writeln!(out, "{value}")
+    } else {
+        writeln!(out, "{text}")
+    };
+    let _ = out.flush();
+}
+
+/// Makes one call of `kind` and prints what comes back.
+pub(crate) async fn run(kind: Kind, args: CallArgs) -> Result<(), String> {
+    let channel = connect(&args.target).await?;
+    let token = match &args.token {
+        Some(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse::<MetadataValue<_>>()
+                .map_err(|_| "the token has characters a header cannot carry".to_string())?,
+        ),
+        None => None,
+    };
+    let caller = Caller {
+        client: PingServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        token,
+        deadline: args.deadline,
+    };
+    let work = call(kind, &caller, &args);
+    let result = match args.deadline {
+        // tonic bounds only the wait for response headers; a stream needs the whole call bounded.
+        Some(d) => tokio::time::timeout(d, work)
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded (client side)"))),
+        None => work.await,
+    };
+    result.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+}
+
+fn payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i % 251) as u8).collect()
+}
+
+async fn call(kind: Kind, caller: &Caller, args: &CallArgs) -> Result<(), Status> {
+    let mut client = caller.client.clone();
+    let ping = |i: i32| SendRequest {
+        message: if args.count > 1 {
+            format!("{} {i}", args.message)
+        } else {
+            args.message.clone()
+        },
+        payload: payload(args.payload_size),
+    };
+    match kind {
+        Kind::Send => {
+            let res = client
+                .send(caller.request(SendRequest {
+                    message: args.message.clone(),
+                    payload: payload(args.payload_size),
+                }))
+                .await?
+                .into_inner();
+            let pong = res.pong.unwrap_or_default();
+            print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+        }
+        Kind::Stream => {
+            let request = SendStreamRequest {
+                message: args.message.clone(),
+                count: args.count,
+                interval: args.interval.map(|d| d.try_into().unwrap_or_default()),
+                payload: payload(args.payload_size),
+            };
+            let mut pongs = client.send_stream(caller.request(request)).await?.into_inner();
+            while let Some(res) = pongs.message().await? {
+                let pong = res.pong.unwrap_or_default();
+                print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+            }
+        }
+        Kind::Collect => {
+            let interval = args.interval;
+            let pings: Vec<_> = (0..args.count.max(0)).map(ping).collect();
+            let outbound = futures::stream::iter(pings).then(move |p| async move {
+                if let Some(d) = interval {
+                    tokio::time::sleep(d).await;
+                }
+                p
+            });
+            let summary = client.collect(caller.request(outbound)).await?.into_inner();
+            print(
+                args.json,
+                output::summary_text(&summary),
+                output::summary_json(&summary),
+            );
+        }
+        Kind::Chat => {
+            // Lock-step: each ping goes out only after the previous pong came back, which shows
+            // the call is truly streaming in both directions.
+            let (tx, rx) = mpsc::channel(1);
+            let mut pongs = client
+                .chat(caller.request(ReceiverStream::new(rx)))
+                .await?
+                .into_inner();
+            for i in 0..args.count.max(0) {
+                if i > 0
+                    && let Some(d) = args.interval
+                {
+                    tokio::time::sleep(d).await;
+                }
+                tx.send(ping(i))
+                    .await
+                    .map_err(|_| Status::unavailable("the call ended before all pings were sent"))?;
+                match pongs.next().await {
+                    Some(res) => {
+                        let pong = res?.pong.unwrap_or_default();
+                        print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+                    }
+                    None => return Err(Status::unavailable("the call ended early")),
+                }
+            }
+            drop(tx);
+            while let Some(res) = pongs.next().await {
+                let pong = res?.pong.unwrap_or_default();
+                print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+            }
+        }
+    }
+    Ok(())
+}

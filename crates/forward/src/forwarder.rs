@@ -1,0 +1,256 @@
+//! The four RPCs, forwarded message by message.
+//!
+//! Nothing is buffered beyond what HTTP/2 flow control allows: inbound messages are pulled from
+//! the caller only as the upstream request body is polled, and upstream responses only as the
+//! caller's response body is. Dropping the caller's call drops the upstream call, which resets
+//! its HTTP/2 stream, so cancellation reaches ping at once.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt, stream};
+use runmesh_auth::Caller;
+use runmesh_proto::ping::v1::{
+    CollectResponse, Hop, SendRequest, SendResponse, SendStreamRequest,
+    ping_service_client::PingServiceClient, ping_service_server::PingService,
+};
+use runmesh_runtime::{
+    Drain,
+    deadline::{self, bounded},
+};
+use tokio::{sync::oneshot, time::Instant};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+
+use crate::{Config, ForwardError, upstream::UpstreamChannel};
+
+/// Metadata passed on upstream: trace context and the request id. Never `authorization`.
+const FORWARDED: [&str; 4] = ["traceparent", "tracestate", "x-cloud-trace-context", "x-request-id"];
+
+type PongStream = Pin<Box<dyn Stream<Item = Result<SendResponse, Status>> + Send>>;
+
+/// `PingService` answered by calling the same method upstream.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    hop: &'static str,
+    identity: runmesh_runtime::Identity,
+    url: String,
+    client: PingServiceClient<UpstreamChannel>,
+    drain: Drain,
+}
+
+impl Forwarder {
+    /// A forwarder for `config`'s hop over the shared `channel`.
+    pub fn new(config: &Config, channel: UpstreamChannel, drain: Drain) -> Self {
+        let max = config.server.max_message_size;
+        let client = PingServiceClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        Self {
+            hop: config.role.name(),
+            identity: config.identity.clone(),
+            url: config.upstream_url.as_str().trim_end_matches('/').to_string(),
+            client,
+            drain,
+        }
+    }
+
+    fn my_hop<T>(&self, request: &Request<T>) -> Hop {
+        let caller = request.extensions().get::<Caller>().map(|c| c.0.as_str());
+        self.identity.hop(caller)
+    }
+
+    fn error(&self, status: Status) -> Status {
+        ForwardError::classify(self.hop, &self.url, status).into()
+    }
+
+    fn deadline_error(&self) -> Status {
+        ForwardError::DeadlineExceeded {
+            hop: self.hop,
+            url: self.url.clone(),
+        }
+        .into()
+    }
+
+    /// Wraps `message` for upstream with the forwarded metadata and the time left.
+    fn upstream<T>(&self, incoming: &MetadataMap, deadline: Option<Instant>, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        let out = request.metadata_mut();
+        for key in FORWARDED {
+            if let Some(value) = incoming.get(key) {
+                out.insert(key, value.clone());
+            }
+        }
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        request
+    }
+
+    /// Runs `call` against the caller's deadline, mapping failures at this hop.
+    async fn call<T>(
+        &self,
+        deadline: Option<Instant>,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at(d, call)
+                .await
+                .map_err(|_| self.deadline_error())?,
+            None => call.await,
+        };
+        result.map(Response::into_inner).map_err(|s| self.error(s))
+    }
+
+    /// The upstream response stream with this hop prepended, bounded by deadline and drain.
+    fn pongs(
+        &self,
+        upstream: Streaming<SendResponse>,
+        hop: Hop,
+        deadline: Option<Instant>,
+        inbound_failed: Option<oneshot::Receiver<Status>>,
+    ) -> PongStream {
+        let this = self.clone();
+        let pongs = upstream.map(move |item| {
+            item.map(|mut res| {
+                if let Some(pong) = res.pong.as_mut() {
+                    pong.hops.insert(0, hop.clone());
+                }
+                res
+            })
+            .map_err(|s| this.error(s))
+        });
+        let pongs: PongStream = match inbound_failed {
+            None => Box::pin(pongs),
+            Some(failed) => Box::pin(end_on_inbound_failure(pongs, failed)),
+        };
+        Box::pin(bounded(pongs, deadline, &self.drain, self.hop))
+    }
+}
+
+/// Passes the caller's messages upstream as they arrive. A failed inbound stream must not look
+/// like a clean half-close upstream (ping would answer as if all was sent): the stream stalls
+/// instead, and the status goes to the returned receiver, whose handler then drops the call.
+fn inbound(
+    pings: Streaming<SendRequest>,
+) -> (
+    impl Stream<Item = SendRequest> + Send + 'static,
+    oneshot::Receiver<Status>,
+) {
+    let (tx, rx) = oneshot::channel();
+    let stream = stream::unfold((pings, Some(tx)), |(mut pings, tx)| async move {
+        match pings.message().await {
+            Ok(Some(ping)) => Some((ping, (pings, tx))),
+            // The caller half-closed: upstream sees END_STREAM.
+            Ok(None) => None,
+            Err(status) => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(status);
+                }
+                std::future::pending().await
+            }
+        }
+    });
+    (stream, rx)
+}
+
+/// Ends the response stream with the inbound failure, if the caller's stream fails first.
+fn end_on_inbound_failure(
+    pongs: impl Stream<Item = Result<SendResponse, Status>> + Send + 'static,
+    failed: oneshot::Receiver<Status>,
+) -> impl Stream<Item = Result<SendResponse, Status>> + Send + 'static {
+    enum Next {
+        Item(Option<Result<SendResponse, Status>>),
+        Failed(Status),
+        InboundDone,
+    }
+    let state = (Box::pin(pongs), Some(failed), false);
+    stream::unfold(state, |(mut pongs, mut failed, done)| async move {
+        if done {
+            return None;
+        }
+        let next = match failed.as_mut() {
+            Some(rx) => tokio::select! {
+                r = rx => match r {
+                    Ok(status) => Next::Failed(status),
+                    Err(_) => Next::InboundDone,
+                },
+                item = pongs.next() => Next::Item(item),
+            },
+            None => Next::Item(pongs.next().await),
+        };
+        match next {
+            Next::Failed(status) => Some((Err(status), (pongs, None, true))),
+            Next::InboundDone => {
+                let item = pongs.next().await?;
+                Some((item, (pongs, None, false)))
+            }
+            Next::Item(item) => Some((item?, (pongs, failed, false))),
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl PingService for Forwarder {
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let deadline = deadline::deadline(request.metadata());
+        let hop = self.my_hop(&request);
+        let (metadata, _, message) = request.into_parts();
+        let upstream = self.upstream(&metadata, deadline, message);
+        let mut client = self.client.clone();
+        let mut res = self.call(deadline, client.send(upstream)).await?;
+        if let Some(pong) = res.pong.as_mut() {
+            pong.hops.insert(0, hop);
+        }
+        Ok(Response::new(res))
+    }
+
+    type SendStreamStream = PongStream;
+
+    async fn send_stream(
+        &self,
+        request: Request<SendStreamRequest>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let deadline = deadline::deadline(request.metadata());
+        let hop = self.my_hop(&request);
+        let (metadata, _, message) = request.into_parts();
+        let upstream = self.upstream(&metadata, deadline, message);
+        let mut client = self.client.clone();
+        let pongs = self.call(deadline, client.send_stream(upstream)).await?;
+        Ok(Response::new(self.pongs(pongs, hop, deadline, None)))
+    }
+
+    async fn collect(
+        &self,
+        request: Request<Streaming<SendRequest>>,
+    ) -> Result<Response<CollectResponse>, Status> {
+        let deadline = deadline::deadline(request.metadata());
+        let hop = self.my_hop(&request);
+        let (metadata, _, pings) = request.into_parts();
+        let (outbound, failed) = inbound(pings);
+        let upstream = self.upstream(&metadata, deadline, outbound);
+        let mut client = self.client.clone();
+        let call = self.call(deadline, client.collect(upstream));
+        tokio::pin!(call);
+        let mut summary = tokio::select! {
+            res = &mut call => res?,
+            Ok(status) = failed => return Err(status),
+        };
+        summary.hops.insert(0, hop);
+        Ok(Response::new(summary))
+    }
+
+    type ChatStream = PongStream;
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<SendRequest>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let deadline = deadline::deadline(request.metadata());
+        let hop = self.my_hop(&request);
+        let (metadata, _, pings) = request.into_parts();
+        let (outbound, failed) = inbound(pings);
+        let upstream = self.upstream(&metadata, deadline, outbound);
+        let mut client = self.client.clone();
+        let pongs = self.call(deadline, client.chat(upstream)).await?;
+        Ok(Response::new(self.pongs(pongs, hop, deadline, Some(failed))))
+    }
+}

@@ -1,0 +1,152 @@
+//! One forwarding implementation of `PingService`, shared by relay and gateway.
+//!
+//! # Layout
+//! - [`Config`]: the service's settings plus `UPSTREAM_URL` and how to authenticate upstream.
+//! - [`upstream`]: the one shared channel to the next hop (h2c or TLS, lazy, reconnecting,
+//!   keepalive) with the ID-token layer on it.
+//! - [`Forwarder`]: the four RPCs, each passed on as it arrives, with this hop prepended to
+//!   every response's trail.
+//! - [`ForwardError`]: the errors this hop raises itself, and their gRPC codes.
+//!
+//! relay and gateway differ only in [`Role`] and in the allow-lists their deploy gives them.
+
+mod error;
+mod forwarder;
+pub mod upstream;
+
+use std::future::Future;
+
+use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
+use runmesh_config::{ConfigError, Env, http_url};
+use runmesh_proto::ping::v1::ping_service_server::PingServiceServer;
+use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+pub use error::ForwardError;
+pub use forwarder::Forwarder;
+
+/// Which hop this process is; only the name in the hop trail and in error messages differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The edge: callers are end users.
+    Gateway,
+    /// The internal hop: its caller is the gateway.
+    Relay,
+}
+
+impl Role {
+    /// The service name used in `Hop.service` and in status messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Relay => "relay",
+        }
+    }
+}
+
+/// A forwarding service's configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Which hop this is.
+    pub role: Role,
+    /// `PORT`, `SHUTDOWN_GRACE`, `MAX_MESSAGE_SIZE`, `LOG_FORMAT`.
+    pub server: ServerConfig,
+    /// `AUTH_*`: who may call this hop.
+    pub auth: ServerAuthConfig,
+    /// `UPSTREAM_URL`: the next hop, `http://` (h2c) or `https://` (TLS, system roots).
+    pub upstream_url: url::Url,
+    /// `UPSTREAM_AUTH`, `UPSTREAM_AUDIENCE`: how this hop proves itself upstream.
+    pub upstream_auth: UpstreamAuthConfig,
+    /// `K_REVISION` or the host name, for the hop trail.
+    pub identity: Identity,
+}
+
+impl Config {
+    /// Reads the config of a `role` hop; errors name the variable and the bad value.
+    pub fn from_env(role: Role, env: &impl Env) -> Result<Self, ConfigError> {
+        let upstream_url = http_url(env, "UPSTREAM_URL")?;
+        Ok(Self {
+            role,
+            server: ServerConfig::from_env(env)?,
+            auth: ServerAuthConfig::from_env(env)?,
+            upstream_auth: UpstreamAuthConfig::from_env(env, &upstream_url)?,
+            upstream_url,
+            identity: Identity::from_env(role.name(), env),
+        })
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+}
+
+/// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].
+pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
+    let max = config.server.max_message_size;
+    let server = PingServiceServer::new(forwarder)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    App {
+        routes: Routes::new(server),
+        health_names: vec![runmesh_proto::PING_SERVICE_NAME],
+        auth: ServerAuthLayer::new(&config.auth),
+        drain,
+    }
+}
+
+/// Serves a forwarding hop on `listener` until `shutdown`, then drains.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let channel = upstream::connect(&config).map_err(|e| {
+        ServeError::Listener(std::io::Error::other(format!(
+            "{}: upstream {}: {e}",
+            config.role.name(),
+            config.upstream_url
+        )))
+    })?;
+    let drain = Drain::default();
+    let forwarder = Forwarder::new(&config, channel, drain.clone());
+    let app = app(&config, forwarder, drain);
+    runmesh_runtime::serve(&config.server, listener, app, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_url_is_required_and_must_be_http() {
+        let err = Config::from_env(Role::Relay, &[("AUTH_MODE", "off")]).unwrap_err();
+        assert_eq!(err.to_string(), "UPSTREAM_URL is required but not set");
+        let err = Config::from_env(
+            Role::Relay,
+            &[("AUTH_MODE", "off"), ("UPSTREAM_URL", "grpc://ping:8080")],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("UPSTREAM_URL=\"grpc://ping:8080\" is invalid"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_upstream_audience_defaults_to_the_url_without_port_or_path() {
+        let c = Config::from_env(
+            Role::Gateway,
+            &[
+                ("AUTH_MODE", "off"),
+                ("UPSTREAM_URL", "https://relay-abc-uc.a.run.app:443/x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream_auth.audience, "https://relay-abc-uc.a.run.app");
+        assert_eq!(c.identity.service, "gateway");
+    }
+}

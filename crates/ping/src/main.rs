@@ -1,0 +1,11 @@
+//! The `ping` binary: config from the environment, then [`runmesh_ping::serve`] until SIGTERM.
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    runmesh_runtime::run("ping", runmesh_ping::Config::from_env, |config, listener, shutdown| {
+        runmesh_ping::serve(config, listener, shutdown)
+    })
+    .await
+}

@@ -1,0 +1,23 @@
+//! The `runmesh.ping.v1` API, generated from `protos/` at build time.
+//!
+//! Re-exports the exact `tonic` and `prost` versions the code was generated for, so every crate
+//! in the workspace stays in step with them.
+
+pub use prost;
+pub use prost_types;
+pub use tonic;
+
+/// `runmesh.ping.v1`: the messages and the `PingService` client and server.
+pub mod ping {
+    /// Version 1 of the ping API.
+    #[allow(missing_docs, unreachable_pub, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("runmesh.ping.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of the API, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runmesh_descriptor.bin"));
+
+/// Full name of the service, as reflection and health report it.
+pub const PING_SERVICE_NAME: &str = "runmesh.ping.v1.PingService";

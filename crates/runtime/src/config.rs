@@ -1,0 +1,103 @@
+//! Settings every service shares, read from the environment Cloud Run gives a container.
+
+use std::time::Duration;
+
+use runmesh_config::{ConfigError, Env, choice, duration_or, parse_or};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line in Cloud Logging's structured format.
+    Json,
+    /// Human-readable lines for a terminal.
+    Text,
+}
+
+/// The server half of a service's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `HOST`: the interface to listen on; every interface (`0.0.0.0`), as a container must,
+    /// unless a local run narrows it to loopback.
+    pub host: std::net::IpAddr,
+    /// `PORT`: where to listen; Cloud Run sets it, 8080 otherwise.
+    pub port: u16,
+    /// `SHUTDOWN_GRACE`: how long in-flight calls may run after SIGTERM (Cloud Run gives 10 s).
+    pub grace: Duration,
+    /// `MAX_MESSAGE_SIZE`: largest message accepted or sent, in bytes, both directions.
+    pub max_message_size: usize,
+    /// `LOG_FORMAT`: `json` (default) or `text`.
+    pub log_format: LogFormat,
+}
+
+impl ServerConfig {
+    /// Cloud Run's default port.
+    pub const DEFAULT_PORT: u16 = 8080;
+    /// gRPC's usual default, as in grpc-go and the C core.
+    pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+    /// Reads the shared settings; errors name the variable and the value.
+    pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
+        let host = parse_or(env, "HOST", std::net::IpAddr::from([0, 0, 0, 0]))?;
+        let port = parse_or(env, "PORT", Self::DEFAULT_PORT)?;
+        let grace = duration_or(env, "SHUTDOWN_GRACE", Duration::from_secs(10))?;
+        let max_message_size = parse_or(env, "MAX_MESSAGE_SIZE", Self::DEFAULT_MAX_MESSAGE_SIZE)?;
+        if max_message_size == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_MESSAGE_SIZE",
+                "0",
+                "must be at least 1 byte",
+            ));
+        }
+        let log_format = choice(
+            env,
+            "LOG_FORMAT",
+            &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+            LogFormat::Json,
+        )?;
+        Ok(Self {
+            host,
+            port,
+            grace,
+            max_message_size,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_cloud_run() {
+        let c = ServerConfig::from_env(&[("UNRELATED", "1")]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.grace, Duration::from_secs(10));
+        assert_eq!(c.max_message_size, 4 * 1024 * 1024);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_port_names_the_variable_and_the_value() {
+        for (bad, why) in [
+            ("http", "invalid digit"),
+            ("70000", "too large"),
+            ("-1", "invalid digit"),
+        ] {
+            let err = ServerConfig::from_env(&[("PORT", bad)]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("PORT={bad:?} is invalid")) && msg.contains(why),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_grace_size_and_format_are_refused() {
+        assert!(ServerConfig::from_env(&[("SHUTDOWN_GRACE", "ten")]).is_err());
+        assert!(ServerConfig::from_env(&[("MAX_MESSAGE_SIZE", "0")]).is_err());
+        let err = ServerConfig::from_env(&[("LOG_FORMAT", "xml")]).unwrap_err();
+        assert!(err.to_string().contains("json, text"), "{err}");
+    }
+}

@@ -1,0 +1,195 @@
+//! The caller's deadline, read from `grpc-timeout` and enforced on streams.
+//!
+//! tonic's server bounds only the future that produces the response headers; once a stream has
+//! started, nothing ends it at the deadline. [`bounded`] does, and also ends it when the service
+//! drains, so every stream finishes with a clear status instead of being cut by the process exit.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::Stream;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tonic::{Status, metadata::MetadataMap};
+
+use crate::Drain;
+
+/// The `grpc-timeout` header, as the gRPC wire spec writes it.
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H M S m u n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Formats a timeout for `grpc-timeout`, rounding up so the callee never sees more time than left.
+pub fn format_grpc_timeout(timeout: Duration) -> String {
+    const MAX: u64 = 99_999_999;
+    let micros = timeout.as_micros();
+    if micros <= u128::from(MAX) {
+        return format!("{}u", micros.max(1));
+    }
+    let millis = micros.div_ceil(1000);
+    if millis <= u128::from(MAX) {
+        return format!("{millis}m");
+    }
+    let secs = millis.div_ceil(1000).min(u128::from(MAX));
+    format!("{secs}S")
+}
+
+/// When the caller's deadline passes, if it sent one.
+pub fn deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get(GRPC_TIMEOUT)?.to_str().ok()?;
+    parse_grpc_timeout(value).map(|t| Instant::now() + t)
+}
+
+pin_project! {
+    /// A response stream that ends with `DEADLINE_EXCEEDED` at the caller's deadline, or
+    /// `UNAVAILABLE` when the service drains, whichever comes first.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct Bounded<S> {
+        #[pin]
+        inner: S,
+        #[pin]
+        sleep: Option<Sleep>,
+        #[pin]
+        drained: WaitForCancellationFutureOwned,
+        service: &'static str,
+        done: bool,
+    }
+}
+
+impl<S> std::fmt::Debug for Bounded<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounded")
+            .field("service", &self.service)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bounds `inner` by `deadline` and by `drain`; `service` names the hop in the status message.
+pub fn bounded<S>(
+    inner: S,
+    deadline: Option<Instant>,
+    drain: &Drain,
+    service: &'static str,
+) -> Bounded<S> {
+    Bounded {
+        inner,
+        sleep: deadline.map(tokio::time::sleep_until),
+        drained: drain.token().clone().cancelled_owned(),
+        service,
+        done: false,
+    }
+}
+
+impl<S, T> Stream for Bounded<S>
+where
+    S: Stream<Item = Result<T, Status>>,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = this.inner.poll_next(cx) {
+            *this.done = item.is_none();
+            return Poll::Ready(item);
+        }
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
+            *this.done = true;
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                "{}: deadline exceeded",
+                this.service
+            )))));
+        }
+        if this.drained.poll(cx).is_ready() {
+            *this.done = true;
+            return Poll::Ready(Some(Err(Status::unavailable(format!(
+                "{}: shutting down, stream ended; retry on another instance",
+                this.service
+            )))));
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("40m"), Some(Duration::from_millis(40)));
+        assert_eq!(parse_grpc_timeout("50u"), Some(Duration::from_micros(50)));
+        assert_eq!(parse_grpc_timeout("60n"), Some(Duration::from_nanos(60)));
+        for bad in ["", "S", "10", "10x", "123456789S", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn formatted_timeouts_round_trip_and_fit_eight_digits() {
+        for t in [
+            Duration::from_micros(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(3600 * 24),
+        ] {
+            let s = format_grpc_timeout(t);
+            assert!(s.len() <= 9, "{s}");
+            assert!(parse_grpc_timeout(&s).unwrap() >= t.min(Duration::from_secs(99_999_999)));
+        }
+        assert_eq!(format_grpc_timeout(Duration::ZERO), "1u");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_stream_ends_with_deadline_exceeded() {
+        let drain = Drain::default();
+        let endless = futures::stream::pending::<Result<(), Status>>();
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let items: Vec<_> = bounded(endless, Some(deadline), &drain, "ping")
+            .collect()
+            .await;
+        assert_eq!(items.len(), 1);
+        let status = items[0].as_ref().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(status.message(), "ping: deadline exceeded");
+    }
+
+    #[tokio::test]
+    async fn a_drain_ends_the_stream_with_unavailable() {
+        let drain = Drain::default();
+        let endless = futures::stream::pending::<Result<(), Status>>();
+        let mut s = Box::pin(bounded(endless, None, &drain, "relay"));
+        drain.start();
+        let status = s.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(s.next().await.is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! Serving a service the way Cloud Run expects: h2c on `$PORT`, health, reflection, drain.
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use futures::{Stream, StreamExt};
+use runmesh_auth::ServerAuthLayer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Response, Status,
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_server::{Health, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
+
+use crate::{Drain, ServerConfig, status::SizeLimitStatusLayer};
+
+/// What a service brings to [`serve`]: its gRPC routes and how callers are authenticated.
+#[derive(Debug)]
+pub struct App {
+    /// The service's own gRPC services; health and reflection are added here.
+    pub routes: Routes,
+    /// Full gRPC names reported by health (besides the overall `""`).
+    pub health_names: Vec<&'static str>,
+    /// Verifies callers of the app's routes; health and reflection stay open.
+    pub auth: ServerAuthLayer,
+    /// Started when long streams must end; the app's handlers hold clones.
+    pub drain: Drain,
+}
+
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The HTTP/2 server failed.
+    #[error("server error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener could not be configured.
+    #[error("listener error: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Binds `$HOST:$PORT`.
+pub async fn bind(config: &ServerConfig) -> std::io::Result<TcpListener> {
+    TcpListener::bind((config.host, config.port)).await
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains.
+///
+/// The drain flips health to `NOT_SERVING`, stops accepting, lets in-flight calls finish, tells
+/// endless streams to end shortly before the grace period is over ([`Drain`]), and returns when
+/// the last call has finished or the grace period has passed, whichever is first.
+pub async fn serve(
+    config: &ServerConfig,
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let reporter = HealthReporter::new();
+    let names: Vec<&'static str> = std::iter::once("").chain(app.health_names).collect();
+    for name in &names {
+        reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let stopping = CancellationToken::new();
+    let health = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        stopping: stopping.clone(),
+    });
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(runmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // grpcurl 1.8 and many tools still speak only v1alpha.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let routes = app
+        .routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let local = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let grace = config.grace;
+    let drain = app.drain.clone();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(grace = ?grace, "draining: health NOT_SERVING, no new connections");
+        for name in &names {
+            reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        stopping.cancel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Drain::stream_cutoff(grace)).await;
+            drain.start();
+        });
+        let _ = started_tx.send(());
+    };
+
+    tracing::info!(addr = %local, "serving h2c");
+    let server = Server::builder()
+        // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
+        .layer(SizeLimitStatusLayer)
+        // Every call but health and reflection needs a verified caller.
+        .layer(app.auth)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    let grace_over = async {
+        if started_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            futures::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        res = &mut server => {
+            res?;
+            tracing::info!("drained; all calls finished");
+        }
+        () = grace_over => {
+            tracing::warn!("grace period over with calls still open; exiting");
+        }
+    }
+    Ok(())
+}
+
+/// Health that ends `Watch` streams once shutdown starts (after they see `NOT_SERVING`), so a
+/// watching client cannot hold the drain open until the grace period runs out.
+struct DrainingHealth {
+    inner: HealthService,
+    stopping: CancellationToken,
+}
+
+/// How long a watcher gets to receive `NOT_SERVING` before its stream ends.
+const WATCH_LINGER: Duration = Duration::from_millis(100);
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let stream = self.inner.watch(request).await?.into_inner();
+        let stopping = self.stopping.clone();
+        let stop = async move {
+            stopping.cancelled().await;
+            tokio::time::sleep(WATCH_LINGER).await;
+        };
+        Ok(Response::new(Box::pin(stream.take_until(stop))))
+    }
+}

@@ -1,0 +1,29 @@
+# runmesh recipes. Nothing here is required: every recipe is a plain command you can run yourself.
+
+# List recipes.
+default:
+    @just --list
+
+# The whole mesh on this machine: identity server, ping, relay, gateway; four chained calls.
+up-local:
+    cargo run --release -p runmesh-cli -- up
+
+# The README's test command.
+test:
+    cargo test --workspace
+
+# Format, lint, test: what CI runs.
+ci:
+    bash .ci/run
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Lint as CI does.
+lint:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Deploy the three services to Cloud Run (see docs/deploy.md); pass --dry-run to only print.
+deploy *ARGS:
+    bash deploy/cloudrun/deploy.sh {{ARGS}}
