@@ -33,8 +33,9 @@ Deploys ping, relay and gateway to Cloud Run (see docs/deploy.md).
   --gateway-members LIST  comma-separated user:EMAIL / serviceAccount:EMAIL allowed to call the
                           gateway, both by IAM and by the gateway's own token check
                           (default: the account gcloud is logged in as)
-  --public-gateway        also grant roles/run.invoker on the gateway to allUsers; the gateway
-                          still admits only --gateway-members' ID tokens
+  --public-gateway        turn Cloud Run's IAM check off for the gateway, so anyone reaches it;
+                          the gateway then verifies ID tokens fully itself and still admits
+                          only --gateway-members
   --dry-run               print every command instead of running it; nothing is read or changed
   -h, --help              this text
 EOF
@@ -176,8 +177,13 @@ for member in "${members[@]}"; do
 		die "--gateway-members: $member is not user:EMAIL or serviceAccount:EMAIL (the gateway checks the email in the caller's token, so groups and domains cannot be let in)"
 	gateway_emails+="${gateway_emails:+,}${member#*:}"
 done
-gateway_invokers=("${members[@]}")
-if ((public_gateway)); then gateway_invokers+=(allUsers); fi
+# Behind Cloud Run's IAM check the token reaches the gateway with its signature removed, so it
+# trusts that check (cloud-run); without the check it must verify the signature itself.
+if ((public_gateway)); then
+	gateway_iam_check_off=true gateway_auth_mode=verify
+else
+	gateway_iam_check_off=false gateway_auth_mode=cloud-run
+fi
 
 render_dir=$(mktemp -d)
 if ((dry_run)); then
@@ -315,9 +321,11 @@ deploy relay "PING_URL=$ping_url"
 relay_url=$deployed_url
 allow_only relay "serviceAccount:$(sa_email gateway)"
 
-deploy gateway "RELAY_URL=$relay_url" "GATEWAY_ALLOWED_CALLERS=$gateway_emails"
+deploy gateway "RELAY_URL=$relay_url" "GATEWAY_ALLOWED_CALLERS=$gateway_emails" \
+	"GATEWAY_IAM_CHECK_OFF=$gateway_iam_check_off" "GATEWAY_AUTH_MODE=$gateway_auth_mode"
 gateway_url=$deployed_url
-allow_only gateway "${gateway_invokers[@]}"
+# Also with --public-gateway, so that turning it off again needs no other change.
+allow_only gateway "${members[@]}"
 
 cat >&3 <<EOF
 

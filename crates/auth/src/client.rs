@@ -95,7 +95,7 @@ impl GoogleIdTokens {
                 .build(),
             None => idtoken::Builder::new(audience).with_include_email().build(),
         };
-        let credentials = built.map_err(|e| TokenError::Credentials(e.to_string()))?;
+        let credentials = built.map_err(|e| TokenError::Credentials(with_causes(&e)))?;
         Ok(Self {
             audience: audience.to_string(),
             credentials,
@@ -120,12 +120,26 @@ impl TokenSource for GoogleIdTokens {
             let fetch = AssertUnwindSafe(self.credentials.id_token()).catch_unwind();
             match tokio::time::timeout(self.timeout, fetch).await {
                 Ok(Ok(Ok(token))) => Ok(token),
-                Ok(Ok(Err(err))) => Err(TokenError::Fetch(err.to_string())),
+                Ok(Ok(Err(err))) => Err(TokenError::Fetch(with_causes(&err))),
                 Ok(Err(_panic)) => Err(TokenError::Panicked),
                 Err(_elapsed) => Err(TokenError::TimedOut(self.timeout)),
             }
         })
     }
+}
+
+/// `err` and its sources, which hold the actual cause (connection refused, HTTP status).
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.contains(&cause_text) {
+            message = format!("{message}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    message
 }
 
 /// Adds `authorization: Bearer <id token>` to every request, or nothing when off.

@@ -201,7 +201,13 @@ impl Issuer {
         self.mint_for(audience, email, lifetime, true)
     }
 
-    fn mint_for(&self, audience: &str, email: &str, lifetime: Duration, with_email: bool) -> String {
+    fn mint_for(
+        &self,
+        audience: &str,
+        email: &str,
+        lifetime: Duration,
+        with_email: bool,
+    ) -> String {
         let iat = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -367,7 +373,10 @@ async fn token(State(issuer): State<Arc<Issuer>>, Query(query): Query<TokenQuery
         return (StatusCode::BAD_REQUEST, "audience and email are required\n").into_response();
     }
     if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
-        let reason = format!("lifetime_secs must be 1..={}\n", MAX_TOKEN_LIFETIME.as_secs());
+        let reason = format!(
+            "lifetime_secs must be 1..={}\n",
+            MAX_TOKEN_LIFETIME.as_secs()
+        );
         return (StatusCode::BAD_REQUEST, reason).into_response();
     }
     let token = issuer.mint(&query.audience, &query.email, lifetime);
@@ -436,7 +445,10 @@ async fn identity_token(
         return missing_flavor();
     }
     let Some(audience) = query.audience.filter(|a| !a.is_empty()) else {
-        return (StatusCode::BAD_REQUEST, "non-empty audience parameter required\n")
+        return (
+            StatusCode::BAD_REQUEST,
+            "non-empty audience parameter required\n",
+        )
             .into_response();
     };
     // Like the real server, only the `full` format carries the email.
@@ -454,7 +466,11 @@ async fn identity_email(State(identity): State<Identity>, headers: HeaderMap) ->
     if !is_metadata_request(&headers) {
         return missing_flavor();
     }
-    ([(header::CONTENT_TYPE, "text/plain")], identity.email.to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain")],
+        identity.email.to_string(),
+    )
+        .into_response()
 }
 
 /// A running identity server on loopback ports, for tests and local tooling; stops on drop.

@@ -216,8 +216,12 @@ mod tests {
     #[test]
     fn only_health_and_reflection_are_open() {
         assert!(is_open("/grpc.health.v1.Health/Check"));
-        assert!(is_open("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
-        assert!(is_open("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
+        assert!(is_open(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+        ));
+        assert!(is_open(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        ));
         assert!(!is_open("/runmesh.v1.Ping/Ping"));
         assert!(!is_open("/grpc.health.v1.HealthX/Check"));
     }

@@ -19,11 +19,12 @@
 //! ID token itself — signature, audience, expiry and the caller's `run.routes.invoke`
 //! permission — before the request reaches the container. It then forwards the header it
 //! checked (`x-serverless-authorization` when present, else `authorization`) with the JWT's
-//! signature segment replaced by the literal `SIGNATURE_REMOVED_BY_GOOGLE`, so the container
-//! cannot verify that token again, and a verifying service would reject every call. In this
-//! mode the signature is therefore not checked: the platform's check is trusted (so the deploy
-//! must require authentication, otherwise anyone can forge claims) and the forwarded claims
-//! are still held to issuer, audience, `exp`/`nbf`, `email_verified` and the allow-list.
+//! signature segment replaced by the literal `SIGNATURE_REMOVED_BY_GOOGLE`, as Google's Cloud
+//! Run documentation and users' reports describe; the container cannot verify that token
+//! again, so `verify` mode would reject every call there. In `cloud-run` mode the signature is
+//! therefore not checked, stripped or not: the platform's check is trusted (so the deploy must
+//! require authentication, or anyone could forge claims) and the forwarded claims are still
+//! held to issuer, audience, `exp`/`nbf`, `email_verified` and the allow-list.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -211,9 +212,7 @@ impl Verifier {
         if header.alg != "RS256" {
             return Err(VerifyError::InvalidToken("algorithm not accepted"));
         }
-        let kid = header
-            .kid
-            .ok_or(VerifyError::InvalidToken("no key id"))?;
+        let kid = header.kid.ok_or(VerifyError::InvalidToken("no key id"))?;
         let key = self.keys.key(&kid).await?;
         jsonwebtoken::decode::<Claims>(token, &key, &self.validation)
             .map(|data| data.claims)
@@ -244,7 +243,9 @@ impl Verifier {
         }
         let now = unix_now();
         let skew = CLOCK_SKEW.as_secs_f64();
-        let exp = claims.exp.ok_or(VerifyError::InvalidToken("no exp claim"))?;
+        let exp = claims
+            .exp
+            .ok_or(VerifyError::InvalidToken("no exp claim"))?;
         if exp + skew < now {
             return Err(VerifyError::InvalidToken("expired"));
         }
@@ -270,7 +271,9 @@ impl Verifier {
         if !allowed {
             return Err(VerifyError::Forbidden { caller });
         }
-        let exp = claims.exp.ok_or(VerifyError::InvalidToken("no exp claim"))?;
+        let exp = claims
+            .exp
+            .ok_or(VerifyError::InvalidToken("no exp claim"))?;
         let expires_at = UNIX_EPOCH
             .checked_add(Duration::try_from_secs_f64(exp).unwrap_or_default())
             .unwrap_or(UNIX_EPOCH);
@@ -299,7 +302,8 @@ struct JoseHeader {
 
 /// Google sends `email_verified` as a boolean; some older tokens carry the string `"true"`.
 fn is_true(value: Option<&Value>) -> bool {
-    matches!(value, Some(Value::Bool(true))) || matches!(value, Some(Value::String(s)) if s == "true")
+    matches!(value, Some(Value::Bool(true)))
+        || matches!(value, Some(Value::String(s)) if s == "true")
 }
 
 /// The three dot-separated segments of a compact JWS.
@@ -520,12 +524,18 @@ fn cache_ttl(headers: &http::HeaderMap) -> Duration {
         .flat_map(|v| v.split(','))
         .map(|d| d.trim().to_ascii_lowercase())
         .collect();
-    if directives.iter().any(|d| d == "no-store" || d == "no-cache") {
+    if directives
+        .iter()
+        .any(|d| d == "no-store" || d == "no-cache")
+    {
         return MIN_KEYS_TTL;
     }
-    let max_age = directives
-        .iter()
-        .find_map(|d| d.strip_prefix("max-age=")?.trim_matches('"').parse::<u64>().ok());
+    let max_age = directives.iter().find_map(|d| {
+        d.strip_prefix("max-age=")?
+            .trim_matches('"')
+            .parse::<u64>()
+            .ok()
+    });
     let Some(max_age) = max_age else {
         return DEFAULT_KEYS_TTL;
     };
@@ -601,7 +611,10 @@ mod tests {
                 },
                 Code::PermissionDenied,
             ),
-            (VerifyError::KeysUnavailable("down".into()), Code::Unavailable),
+            (
+                VerifyError::KeysUnavailable("down".into()),
+                Code::Unavailable,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(tonic::Status::from(err).code(), code);

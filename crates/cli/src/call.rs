@@ -36,7 +36,7 @@ pub(crate) struct CallArgs {
     #[arg(long, default_value = "hello")]
     message: String,
     /// Pings to send (collect, chat) or pongs to ask for (stream; 0 = until cancelled).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     count: i32,
     /// Pause between messages, e.g. `100ms`.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -121,7 +121,9 @@ impl Caller {
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token {
-            request.metadata_mut().insert("authorization", token.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
         }
         if let Some(d) = self.deadline {
             request.set_timeout(d);
@@ -161,9 +163,12 @@ pub(crate) async fn run(kind: Kind, args: CallArgs) -> Result<(), String> {
     let work = call(kind, &caller, &args);
     let result = match args.deadline {
         // tonic bounds only the wait for response headers; a stream needs the whole call bounded.
-        Some(d) => tokio::time::timeout(d, work)
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded (client side)"))),
+        // Biased towards the timer: a stream that is always ready must not starve it.
+        Some(d) => tokio::select! {
+            biased;
+            () = tokio::time::sleep(d) => Err(Status::deadline_exceeded("deadline exceeded (client side)")),
+            result = work => result,
+        },
         None => work.await,
     };
     result.map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
@@ -193,7 +198,11 @@ async fn call(kind: Kind, caller: &Caller, args: &CallArgs) -> Result<(), Status
                 .await?
                 .into_inner();
             let pong = res.pong.unwrap_or_default();
-            print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+            print(
+                args.json,
+                output::pong_text(&pong),
+                output::pong_json(&pong),
+            );
         }
         Kind::Stream => {
             let request = SendStreamRequest {
@@ -202,10 +211,17 @@ async fn call(kind: Kind, caller: &Caller, args: &CallArgs) -> Result<(), Status
                 interval: args.interval.map(|d| d.try_into().unwrap_or_default()),
                 payload: payload(args.payload_size),
             };
-            let mut pongs = client.send_stream(caller.request(request)).await?.into_inner();
+            let mut pongs = client
+                .send_stream(caller.request(request))
+                .await?
+                .into_inner();
             while let Some(res) = pongs.message().await? {
                 let pong = res.pong.unwrap_or_default();
-                print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+                print(
+                    args.json,
+                    output::pong_text(&pong),
+                    output::pong_json(&pong),
+                );
             }
         }
         Kind::Collect => {
@@ -238,13 +254,17 @@ async fn call(kind: Kind, caller: &Caller, args: &CallArgs) -> Result<(), Status
                 {
                     tokio::time::sleep(d).await;
                 }
-                tx.send(ping(i))
-                    .await
-                    .map_err(|_| Status::unavailable("the call ended before all pings were sent"))?;
+                tx.send(ping(i)).await.map_err(|_| {
+                    Status::unavailable("the call ended before all pings were sent")
+                })?;
                 match pongs.next().await {
                     Some(res) => {
                         let pong = res?.pong.unwrap_or_default();
-                        print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+                        print(
+                            args.json,
+                            output::pong_text(&pong),
+                            output::pong_json(&pong),
+                        );
                     }
                     None => return Err(Status::unavailable("the call ended early")),
                 }
@@ -252,7 +272,11 @@ async fn call(kind: Kind, caller: &Caller, args: &CallArgs) -> Result<(), Status
             drop(tx);
             while let Some(res) = pongs.next().await {
                 let pong = res?.pong.unwrap_or_default();
-                print(args.json, output::pong_text(&pong), output::pong_json(&pong));
+                print(
+                    args.json,
+                    output::pong_text(&pong),
+                    output::pong_json(&pong),
+                );
             }
         }
     }

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "runmesh", version, about = "gRPC mesh for Cloud Run: gateway → relay → ping")]
+#[command(
+    name = "runmesh",
+    version,
+    about = "gRPC mesh for Cloud Run: gateway → relay → ping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

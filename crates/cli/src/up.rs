@@ -67,10 +67,17 @@ pub(crate) async fn run(args: UpArgs) -> Result<(), String> {
     let (relay_md, relay_md_url) = bind(0).await?;
     let jwks = format!("{idp_url}/jwks");
     tasks.spawn({
-        let identities = vec![(GATEWAY_SA.to_string(), gateway_md), (RELAY_SA.to_string(), relay_md)];
+        let identities = vec![
+            (GATEWAY_SA.to_string(), gateway_md),
+            (RELAY_SA.to_string(), relay_md),
+        ];
         let done = stop.clone().cancelled_owned();
         let issuer = issuer.clone();
-        async move { idp::serve(issuer, idp_api, identities, done).await.map_err(|e| e.to_string()) }
+        async move {
+            idp::serve(issuer, idp_api, identities, done)
+                .await
+                .map_err(|e| e.to_string())
+        }
     });
 
     let (ping_l, ping_url) = bind(0).await?;
@@ -114,24 +121,46 @@ pub(crate) async fn run(args: UpArgs) -> Result<(), String> {
     let done = || stop.clone().cancelled_owned();
     tasks.spawn({
         let done = done();
-        async move { runmesh_ping::serve(ping, ping_l, done).await.map_err(|e| format!("ping: {e}")) }
+        async move {
+            runmesh_ping::serve(ping, ping_l, done)
+                .await
+                .map_err(|e| format!("ping: {e}"))
+        }
     });
     tasks.spawn({
         let done = done();
-        async move { runmesh_forward::serve(relay, relay_l, done).await.map_err(|e| format!("relay: {e}")) }
+        async move {
+            runmesh_forward::serve(relay, relay_l, done)
+                .await
+                .map_err(|e| format!("relay: {e}"))
+        }
     });
     tasks.spawn({
         let done = done();
-        async move { runmesh_forward::serve(gateway, gateway_l, done).await.map_err(|e| format!("gateway: {e}")) }
+        async move {
+            runmesh_forward::serve(gateway, gateway_l, done)
+                .await
+                .map_err(|e| format!("gateway: {e}"))
+        }
     });
 
-    let result = demo(&issuer, &[&ping_url, &relay_url, &gateway_url], &gateway_url, &idp_url, args.once).await;
+    let result = demo(
+        &issuer,
+        &[&ping_url, &relay_url, &gateway_url],
+        &gateway_url,
+        &idp_url,
+        args.once,
+    )
+    .await;
     if result.is_ok() && !args.once {
         runmesh_runtime::shutdown_signal().await;
     }
     stop.cancel();
     let shut = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), shut).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), shut)
+        .await
+        .is_err()
+    {
         eprintln!("some services did not stop within 5 s");
     }
     println!("mesh stopped");
@@ -146,7 +175,11 @@ async fn demo(
     once: bool,
 ) -> Result<(), String> {
     for url in services {
-        let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let port: u16 = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let ready = async {
             while !matches!(check_health(port, Duration::from_secs(1)).await, Ok(true)) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -156,7 +189,10 @@ async fn demo(
             .await
             .map_err(|_| format!("{url} did not become SERVING within 10 s"))?;
     }
-    println!("mesh up: gateway {gateway} → relay {} → ping {}", services[1], services[0]);
+    println!(
+        "mesh up: gateway {gateway} → relay {} → ping {}",
+        services[1], services[0]
+    );
     let token = issuer.mint(gateway, USER, Duration::from_secs(3600));
     for (name, kind) in [
         ("Send (unary)", Kind::Send),
@@ -165,7 +201,9 @@ async fn demo(
         ("Chat (bidi streaming)", Kind::Chat),
     ] {
         println!("\n== {name} as {USER}");
-        call::run(kind, CallArgs::demo(gateway, &token)).await.map_err(|e| format!("{name}: {e}"))?;
+        call::run(kind, CallArgs::demo(gateway, &token))
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
     }
     println!("\nall four calls went gateway → relay → ping, authenticated at every hop.");
     if !once {

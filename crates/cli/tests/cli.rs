@@ -33,7 +33,16 @@ async fn ping() -> Service {
 #[tokio::test]
 async fn send_prints_the_pong_and_its_hop_trail() {
     let ping = ping().await;
-    let out = runmesh(&["send", "--target", &ping.url, "--message", "hi", "--payload-size", "5", "--json"]);
+    let out = runmesh(&[
+        "send",
+        "--target",
+        &ping.url,
+        "--message",
+        "hi",
+        "--payload-size",
+        "5",
+        "--json",
+    ]);
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["message"], "hi");
@@ -49,17 +58,43 @@ async fn send_prints_the_pong_and_its_hop_trail() {
 #[tokio::test]
 async fn stream_collect_and_chat_print_every_message_in_order() {
     let ping = ping().await;
-    let stream = json_lines(&runmesh(&["stream", "--target", &ping.url, "--count", "3", "--interval", "10ms", "--json"]));
-    let indexes: Vec<_> = stream.iter().map(|l| l["index"].as_i64().unwrap()).collect();
+    let stream = json_lines(&runmesh(&[
+        "stream",
+        "--target",
+        &ping.url,
+        "--count",
+        "3",
+        "--interval",
+        "10ms",
+        "--json",
+    ]));
+    let indexes: Vec<_> = stream
+        .iter()
+        .map(|l| l["index"].as_i64().unwrap())
+        .collect();
     assert_eq!(indexes, [0, 1, 2]);
 
-    let collect = json_lines(&runmesh(&["collect", "--target", &ping.url, "--count", "4", "--payload-size", "3", "--json"]));
+    let collect = json_lines(&runmesh(&[
+        "collect",
+        "--target",
+        &ping.url,
+        "--count",
+        "4",
+        "--payload-size",
+        "3",
+        "--json",
+    ]));
     assert_eq!(collect[0]["count"], 4);
     assert_eq!(collect[0]["payload_bytes"], 12);
     assert_eq!(collect[0]["last_message"], "hello 3");
 
-    let chat = json_lines(&runmesh(&["chat", "--target", &ping.url, "--count", "3", "--json"]));
-    let messages: Vec<_> = chat.iter().map(|l| l["message"].as_str().unwrap().to_string()).collect();
+    let chat = json_lines(&runmesh(&[
+        "chat", "--target", &ping.url, "--count", "3", "--json",
+    ]));
+    let messages: Vec<_> = chat
+        .iter()
+        .map(|l| l["message"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(messages, ["hello 0", "hello 1", "hello 2"]);
 }
 
@@ -69,9 +104,20 @@ async fn errors_print_the_grpc_code_and_exit_non_zero() {
     let out = runmesh(&["stream", "--target", &ping.url, "--count", "-1"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("error: INVALID_ARGUMENT: ping: invalid count"), "{err}");
+    assert!(
+        err.starts_with("error: INVALID_ARGUMENT: ping: invalid count"),
+        "{err}"
+    );
 
-    let out = runmesh(&["stream", "--target", &ping.url, "--count", "0", "--deadline", "300ms"]);
+    let out = runmesh(&[
+        "stream",
+        "--target",
+        &ping.url,
+        "--count",
+        "0",
+        "--deadline",
+        "300ms",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("DEADLINE_EXCEEDED"), "{err}");

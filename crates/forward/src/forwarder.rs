@@ -23,7 +23,12 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use crate::{Config, ForwardError, upstream::UpstreamChannel};
 
 /// Metadata passed on upstream: trace context and the request id. Never `authorization`.
-const FORWARDED: [&str; 4] = ["traceparent", "tracestate", "x-cloud-trace-context", "x-request-id"];
+const FORWARDED: [&str; 4] = [
+    "traceparent",
+    "tracestate",
+    "x-cloud-trace-context",
+    "x-request-id",
+];
 
 type PongStream = Pin<Box<dyn Stream<Item = Result<SendResponse, Status>> + Send>>;
 
@@ -47,7 +52,11 @@ impl Forwarder {
         Self {
             hop: config.role.name(),
             identity: config.identity.clone(),
-            url: config.upstream_url.as_str().trim_end_matches('/').to_string(),
+            url: config
+                .upstream_url
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
             client,
             drain,
         }
@@ -71,7 +80,12 @@ impl Forwarder {
     }
 
     /// Wraps `message` for upstream with the forwarded metadata and the time left.
-    fn upstream<T>(&self, incoming: &MetadataMap, deadline: Option<Instant>, message: T) -> Request<T> {
+    fn upstream<T>(
+        &self,
+        incoming: &MetadataMap,
+        deadline: Option<Instant>,
+        message: T,
+    ) -> Request<T> {
         let mut request = Request::new(message);
         let out = request.metadata_mut();
         for key in FORWARDED {
@@ -251,6 +265,11 @@ impl PingService for Forwarder {
         let upstream = self.upstream(&metadata, deadline, outbound);
         let mut client = self.client.clone();
         let pongs = self.call(deadline, client.chat(upstream)).await?;
-        Ok(Response::new(self.pongs(pongs, hop, deadline, Some(failed))))
+        Ok(Response::new(self.pongs(
+            pongs,
+            hop,
+            deadline,
+            Some(failed),
+        )))
     }
 }

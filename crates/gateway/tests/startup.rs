@@ -29,7 +29,11 @@ async fn healthcheck_succeeds_only_against_a_serving_port() {
         .env("PORT", gateway.port.to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -191,7 +191,10 @@ impl PingService for Ping {
         if req.count < 0 {
             return Err(PingError::InvalidArgument {
                 field: "count",
-                reason: format!("must be >= 0 (0 streams until cancelled), got {}", req.count),
+                reason: format!(
+                    "must be >= 0 (0 streams until cancelled), got {}",
+                    req.count
+                ),
             }
             .into());
         }
@@ -234,7 +237,11 @@ impl PingService for Ping {
             hops,
             ..Default::default()
         };
-        while let Some(ping) = pings.message().await.map_err(size_limit_to_resource_exhausted)? {
+        while let Some(ping) = pings
+            .message()
+            .await
+            .map_err(size_limit_to_resource_exhausted)?
+        {
             summary.count += 1;
             summary.payload_bytes += ping.payload.len() as i64;
             summary.last_message = ping.message;

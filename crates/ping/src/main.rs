@@ -4,8 +4,5 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    runmesh_runtime::run("ping", runmesh_ping::Config::from_env, |config, listener, shutdown| {
-        runmesh_ping::serve(config, listener, shutdown)
-    })
-    .await
+    runmesh_runtime::run("ping", runmesh_ping::Config::from_env, runmesh_ping::serve).await
 }

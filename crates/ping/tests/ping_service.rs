@@ -1,7 +1,10 @@
 //! ping in-process on an ephemeral port: the API contract, streams, limits, health, drain.
 
 use std::{
-    sync::{Arc, atomic::{AtomicUsize, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -122,7 +125,10 @@ async fn send_stream_returns_count_pongs_in_order_interval_apart() {
         .into_inner()
         .collect()
         .await;
-    assert!(start.elapsed() >= Duration::from_millis(90), "3 pauses of 30 ms");
+    assert!(
+        start.elapsed() >= Duration::from_millis(90),
+        "3 pauses of 30 ms"
+    );
     let indexes: Vec<i32> = pongs
         .iter()
         .map(|p| p.as_ref().unwrap().pong.as_ref().unwrap().index)
@@ -182,7 +188,10 @@ async fn chat_answers_each_ping_before_the_next_is_sent() {
             .unwrap()
             .pong
             .unwrap();
-        assert_eq!((pong.index, pong.message.as_str()), (i, format!("c{i}").as_str()));
+        assert_eq!(
+            (pong.index, pong.message.as_str()),
+            (i, format!("c{i}").as_str())
+        );
         assert_eq!(pong.payload, [i as u8]);
     }
     drop(tx);

@@ -17,7 +17,8 @@ pub mod ping {
 }
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/runmesh_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/runmesh_descriptor.bin"));
 
 /// Full name of the service, as reflection and health report it.
 pub const PING_SERVICE_NAME: &str = "runmesh.ping.v1.PingService";

@@ -6,7 +6,7 @@
 
 use std::{
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -112,10 +112,8 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(item) = this.inner.poll_next(cx) {
-            *this.done = item.is_none();
-            return Poll::Ready(item);
-        }
+        // Deadline and drain are checked before the inner stream: a stream that is always ready
+        // would otherwise never let them be polled.
         if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
             && sleep.poll(cx).is_ready()
         {
@@ -132,7 +130,9 @@ where
                 this.service
             )))));
         }
-        Poll::Pending
+        let item = ready!(this.inner.poll_next(cx));
+        *this.done = item.is_none();
+        Poll::Ready(item)
     }
 }
 
@@ -180,6 +180,17 @@ mod tests {
         let status = items[0].as_ref().unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(status.message(), "ping: deadline exceeded");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_always_ready_stream_still_ends_at_the_deadline() {
+        let drain = Drain::default();
+        let flood = futures::stream::repeat_with(|| Ok::<_, Status>(()));
+        let deadline = Instant::now() + Duration::from_millis(5);
+        let mut s = Box::pin(bounded(flood, Some(deadline), &drain, "ping"));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let status = s.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
     }
 
     #[tokio::test]

@@ -4,7 +4,9 @@ use std::{future::Future, process::ExitCode, time::Duration};
 
 use runmesh_config::{ConfigError, ProcessEnv};
 use tokio::net::TcpListener;
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{ServeError, ServerConfig, shutdown_signal, telemetry};
 

@@ -37,7 +37,9 @@ fn rewrite(headers: &mut HeaderMap) {
     let is_size = headers
         .get("grpc-message")
         .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+        .is_some_and(|m| {
+            m.contains("message%20length%20too%20large") || m.contains("message length too large")
+        });
     if is_size {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
     }
@@ -147,7 +149,10 @@ mod tests {
             Code::ResourceExhausted
         );
         let other = tonic::Status::out_of_range("index past the end");
-        assert_eq!(size_limit_to_resource_exhausted(other).code(), Code::OutOfRange);
+        assert_eq!(
+            size_limit_to_resource_exhausted(other).code(),
+            Code::OutOfRange
+        );
     }
 
     #[test]

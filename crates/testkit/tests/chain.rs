@@ -40,7 +40,10 @@ async fn all_four_call_types_chain_with_each_hops_verified_caller() {
         .into_inner()
         .pong
         .unwrap();
-    assert_eq!((pong.message.as_str(), pong.payload.as_slice()), ("unary", &b"abc"[..]));
+    assert_eq!(
+        (pong.message.as_str(), pong.payload.as_slice()),
+        ("unary", &b"abc"[..])
+    );
     assert_eq!(trail(&pong.hops), expected());
 
     let pongs: Vec<_> = client
@@ -59,7 +62,10 @@ async fn all_four_call_types_chain_with_each_hops_verified_caller() {
         .map(|r| r.unwrap().pong.unwrap())
         .collect()
         .await;
-    assert_eq!(pongs.iter().map(|p| p.index).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    assert_eq!(
+        pongs.iter().map(|p| p.index).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
     for p in &pongs {
         assert_eq!(p.payload, vec![7; 1000]);
         assert_eq!(trail(&p.hops), expected());
@@ -69,7 +75,11 @@ async fn all_four_call_types_chain_with_each_hops_verified_caller() {
         message: format!("c{i}"),
         payload: vec![1; 10],
     }));
-    let summary = client.collect(authed(pings, &token)).await.unwrap().into_inner();
+    let summary = client
+        .collect(authed(pings, &token))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((summary.count, summary.payload_bytes), (4, 40));
     assert_eq!(summary.last_message, "c3");
     assert_eq!(trail(&summary.hops), expected());
@@ -84,7 +94,10 @@ async fn bidi_through_the_chain_answers_each_ping_before_the_next_is_sent() {
         .gateway
         .client()
         .await
-        .chat(authed(tokio_stream::wrappers::ReceiverStream::new(rx), &token))
+        .chat(authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &token,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -108,7 +121,10 @@ async fn bidi_through_the_chain_answers_each_ping_before_the_next_is_sent() {
         assert_eq!(trail(&pong.hops), expected());
     }
     drop(tx);
-    assert!(pongs.next().await.is_none(), "half-close reaches ping and ends the call");
+    assert!(
+        pongs.next().await.is_none(),
+        "half-close reaches ping and ends the call"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +143,12 @@ async fn a_user_token_sent_straight_to_relay_or_ping_is_refused() {
             .send(authed(ping_req(), &gateway_token))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated, "{}: {err:?}", service.proc.name);
+        assert_eq!(
+            err.code(),
+            Code::Unauthenticated,
+            "{}: {err:?}",
+            service.proc.name
+        );
     }
     // A valid token for relay's or ping's own audience still names a caller not on the list.
     for service in [&mesh.relay, &mesh.ping] {
@@ -138,10 +159,21 @@ async fn a_user_token_sent_straight_to_relay_or_ping_is_refused() {
             .send(authed(ping_req(), &token))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied, "{}: {err:?}", service.proc.name);
+        assert_eq!(
+            err.code(),
+            Code::PermissionDenied,
+            "{}: {err:?}",
+            service.proc.name
+        );
     }
     // No token at all.
-    let err = mesh.gateway.client().await.send(ping_req()).await.unwrap_err();
+    let err = mesh
+        .gateway
+        .client()
+        .await
+        .send(ping_req())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }
 
@@ -162,6 +194,10 @@ async fn service_tokens_are_fetched_once_and_reused_across_calls() {
             .await
             .unwrap();
     }
-    assert_eq!(mesh.idp.minted(GATEWAY_SA).await, 1, "gateway minted per call");
+    assert_eq!(
+        mesh.idp.minted(GATEWAY_SA).await,
+        1,
+        "gateway minted per call"
+    );
     assert_eq!(mesh.idp.minted(RELAY_SA).await, 1, "relay minted per call");
 }

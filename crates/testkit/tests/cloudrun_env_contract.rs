@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use runmesh_config::{ConfigError, Recorder};
 use runmesh_forward::Role;
-use support::{SERVICES, env, rendered};
+use support::{PUBLIC_GATEWAY, SERVICES, env, rendered, rendered_with};
 
 /// Parses `service`'s config from `vars` as its binary does; returns the names it looked up.
 fn read_by(service: &str, vars: HashMap<String, String>) -> Result<BTreeSet<String>, ConfigError> {
@@ -27,8 +27,12 @@ fn read_by(service: &str, vars: HashMap<String, String>) -> Result<BTreeSet<Stri
 
 #[test]
 fn every_variable_a_manifest_sets_is_read_by_its_service() {
-    for service in SERVICES {
-        let vars: HashMap<_, _> = env(&rendered(service)).into_iter().collect();
+    let renderings = SERVICES
+        .map(|s| (s, rendered(s)))
+        .into_iter()
+        .chain([("gateway", rendered_with("gateway", &PUBLIC_GATEWAY))]);
+    for (service, manifest) in renderings {
+        let vars: HashMap<_, _> = env(&manifest).into_iter().collect();
         let set: BTreeSet<_> = vars.keys().cloned().collect();
         let read = read_by(service, vars)
             .unwrap_or_else(|e| panic!("{service}: its manifest's env is refused: {e}"));

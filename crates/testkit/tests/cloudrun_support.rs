@@ -59,6 +59,8 @@ pub(crate) fn sample_values(service: &str) -> BTreeMap<String, String> {
         ),
         ("MIN_INSTANCES", "0".to_string()),
         ("GATEWAY_ALLOWED_CALLERS", "dev@example.com".to_string()),
+        ("GATEWAY_IAM_CHECK_OFF", "false".to_string()),
+        ("GATEWAY_AUTH_MODE", "cloud-run".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -87,8 +89,23 @@ pub(crate) fn parse(text: &str) -> Value {
 
 /// `service`'s manifest rendered with [`sample_values`] and parsed.
 pub(crate) fn rendered(service: &str) -> Value {
-    parse(&render(&template(service), &sample_values(service)))
+    rendered_with(service, &[])
 }
+
+/// `service`'s manifest rendered with [`sample_values`] changed by `overrides`, and parsed.
+pub(crate) fn rendered_with(service: &str, overrides: &[(&str, &str)]) -> Value {
+    let mut values = sample_values(service);
+    for (name, value) in overrides {
+        values.insert(name.to_string(), value.to_string());
+    }
+    parse(&render(&template(service), &values))
+}
+
+/// What `deploy.sh --public-gateway` fills in instead of the defaults.
+pub(crate) const PUBLIC_GATEWAY: [(&str, &str); 2] = [
+    ("GATEWAY_IAM_CHECK_OFF", "true"),
+    ("GATEWAY_AUTH_MODE", "verify"),
+];
 
 /// The value at `path` (mapping keys, or indexes for sequences); panics naming the path.
 pub(crate) fn at<'a>(doc: &'a Value, path: &str) -> &'a Value {
@@ -134,13 +151,19 @@ pub(crate) fn container(doc: &Value) -> &Value {
 /// The container's env as name → value, refusing duplicate names and `valueFrom`.
 pub(crate) fn env(doc: &Value) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for var in at(container(doc), "env").as_sequence().expect("env is a list") {
+    for var in at(container(doc), "env")
+        .as_sequence()
+        .expect("env is a list")
+    {
         let name = str_at(var, "name").to_string();
         let value = match at(var, "value") {
             Value::String(s) => s.clone(),
             other => panic!("{name}: value {other:?} is not a string"),
         };
-        assert!(out.insert(name.clone(), value).is_none(), "{name} set twice");
+        assert!(
+            out.insert(name.clone(), value).is_none(),
+            "{name} set twice"
+        );
     }
     out
 }

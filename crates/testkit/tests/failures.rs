@@ -66,7 +66,14 @@ async fn a_client_cancel_reaches_ping_within_200ms() {
     for _ in 0..3 {
         stream.next().await.unwrap().unwrap();
     }
-    assert!(!mesh.ping.proc.lines().iter().any(|l| l.contains(STOPPED_EARLY)));
+    assert!(
+        !mesh
+            .ping
+            .proc
+            .lines()
+            .iter()
+            .any(|l| l.contains(STOPPED_EARLY))
+    );
     let cancelled = Instant::now();
     drop(stream);
     let seen = mesh
@@ -76,7 +83,10 @@ async fn a_client_cancel_reaches_ping_within_200ms() {
         .await;
     assert!(seen.is_some(), "ping never saw the cancel");
     let took = cancelled.elapsed();
-    assert!(took < Duration::from_millis(200), "cancel took {took:?} to reach ping");
+    assert!(
+        took < Duration::from_millis(200),
+        "cancel took {took:?} to reach ping"
+    );
 }
 
 #[tokio::test]
@@ -100,10 +110,15 @@ async fn ping_down_is_unavailable_naming_the_hop_and_calls_recover_when_it_retur
     mesh.ping.proc.wait_exit(Duration::from_secs(5)).await;
     let started = Instant::now();
     let err = client.send(req()).await.unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(
-        err.message().starts_with("relay: upstream http://127.0.0.1:"),
+        err.message()
+            .starts_with("relay: upstream http://127.0.0.1:"),
         "{}",
         err.message()
     );

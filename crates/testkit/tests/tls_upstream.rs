@@ -115,5 +115,10 @@ async fn relay_refuses_a_certificate_for_another_host() {
         .expect("answer in time")
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().starts_with("relay: upstream https://localhost:"), "{}", err.message());
+    assert!(
+        err.message()
+            .starts_with("relay: upstream https://localhost:"),
+        "{}",
+        err.message()
+    );
 }

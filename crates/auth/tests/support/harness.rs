@@ -4,7 +4,7 @@
 
 use std::{
     convert::Infallible,
-    sync::Arc,
+    sync::{Arc, LazyLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -24,9 +24,21 @@ pub const RELAY: &str = "relay@mesh.iam.gserviceaccount.com";
 /// A caller that is never on the allow-list.
 pub const STRANGER: &str = "stranger@example.com";
 
-/// A fresh issuer served on loopback ports, with metadata emulations for `identities`.
+/// One issuer for tests that do not count its mints or fetches: RSA key generation is slow.
+static SHARED_ISSUER: LazyLock<Arc<Issuer>> =
+    LazyLock::new(|| Arc::new(Issuer::generate().expect("issuer")));
+
+/// The shared issuer served on loopback ports, with metadata emulations for `identities`.
 pub async fn identity_server(identities: &[&str]) -> (Arc<Issuer>, IdentityServer) {
-    let issuer = Arc::new(Issuer::generate().expect("issuer"));
+    serve(SHARED_ISSUER.clone(), identities).await
+}
+
+/// A fresh issuer, whose counters belong to the calling test, served like [`identity_server`].
+pub async fn fresh_identity_server(identities: &[&str]) -> (Arc<Issuer>, IdentityServer) {
+    serve(Arc::new(Issuer::generate().expect("issuer")), identities).await
+}
+
+async fn serve(issuer: Arc<Issuer>, identities: &[&str]) -> (Arc<Issuer>, IdentityServer) {
     let server = IdentityServer::start(issuer.clone(), identities)
         .await
         .expect("identity server");
@@ -115,5 +127,10 @@ pub async fn call_path(
 /// Calls the ping method with `authorization: Bearer <token>`.
 pub async fn call_with_token(service: &mut Guarded, token: &str) -> Result<String, tonic::Status> {
     let value = format!("Bearer {token}");
-    call_path(service, "/runmesh.v1.Ping/Ping", &[("authorization", &value)]).await
+    call_path(
+        service,
+        "/runmesh.v1.Ping/Ping",
+        &[("authorization", &value)],
+    )
+    .await
 }
