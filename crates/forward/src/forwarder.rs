@@ -16,19 +16,20 @@ use runmesh_proto::ping::v1::{
 use runmesh_runtime::{
     Drain,
     deadline::{self, bounded},
+    observe::ClientCall,
 };
 use tokio::{sync::oneshot, time::Instant};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tracing::Instrument;
 
 use crate::{Config, ForwardError, upstream::UpstreamChannel};
 
-/// Metadata passed on upstream: trace context and the request id. Never `authorization`.
-const FORWARDED: [&str; 4] = [
-    "traceparent",
-    "tracestate",
-    "x-cloud-trace-context",
-    "x-request-id",
-];
+/// Metadata passed on upstream as it came. Never `authorization`; `traceparent`/`tracestate`
+/// are written afresh for this hop's client span, so the trace links hop by hop.
+const FORWARDED: [&str; 2] = ["x-cloud-trace-context", "x-request-id"];
+
+/// The service part of every method path, for span names.
+const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
 
 type PongStream = Pin<Box<dyn Stream<Item = Result<SendResponse, Status>> + Send>>;
 
@@ -38,6 +39,7 @@ pub struct Forwarder {
     hop: &'static str,
     identity: runmesh_runtime::Identity,
     url: String,
+    upstream_url: url::Url,
     client: PingServiceClient<UpstreamChannel>,
     drain: Drain,
 }
@@ -57,6 +59,7 @@ impl Forwarder {
                 .as_str()
                 .trim_end_matches('/')
                 .to_string(),
+            upstream_url: config.upstream_url.clone(),
             client,
             drain,
         }
@@ -79,15 +82,18 @@ impl Forwarder {
         .into()
     }
 
-    /// Wraps `message` for upstream with the forwarded metadata and the time left.
+    /// Wraps `message` for upstream with the forwarded metadata, this call's trace context and
+    /// the time left.
     fn upstream<T>(
         &self,
         incoming: &MetadataMap,
         deadline: Option<Instant>,
+        call: &ClientCall,
         message: T,
     ) -> Request<T> {
         let mut request = Request::new(message);
         let out = request.metadata_mut();
+        call.inject(out);
         for key in FORWARDED {
             if let Some(value) = incoming.get(key) {
                 out.insert(key, value.clone());
@@ -99,30 +105,40 @@ impl Forwarder {
         request
     }
 
-    /// Runs `call` against the caller's deadline, mapping failures at this hop.
+    /// Runs `call` against the caller's deadline, in the client span, mapping failures here.
     async fn call<T>(
         &self,
         deadline: Option<Instant>,
+        client: &mut ClientCall,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<T, Status> {
+        let call = call.instrument(client.span().clone());
         let result = match deadline {
-            Some(d) => tokio::time::timeout_at(d, call)
-                .await
-                .map_err(|_| self.deadline_error())?,
+            Some(d) => match tokio::time::timeout_at(d, call).await {
+                Ok(r) => r,
+                Err(_) => Err(self.deadline_error()),
+            },
             None => call.await,
         };
-        result.map(Response::into_inner).map_err(|s| self.error(s))
+        let result = result.map(Response::into_inner).map_err(|s| self.error(s));
+        // A stream's client span ends with the stream; a failed call ends here.
+        if let Err(status) = &result {
+            client.finish(status.code());
+        }
+        result
     }
 
     /// The upstream response stream with this hop prepended, bounded by deadline and drain.
     fn pongs(
         &self,
         upstream: Streaming<SendResponse>,
+        client: ClientCall,
         hop: Hop,
         deadline: Option<Instant>,
         inbound_failed: Option<oneshot::Receiver<Status>>,
     ) -> PongStream {
         let this = self.clone();
+        let upstream = client.observe(upstream);
         let pongs = upstream.map(move |item| {
             item.map(|mut res| {
                 if let Some(pong) = res.pong.as_mut() {
@@ -208,9 +224,13 @@ impl PingService for Forwarder {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
-        let upstream = self.upstream(&metadata, deadline, message);
+        let mut span = ClientCall::start(SERVICE, "Send", &self.upstream_url);
+        let upstream = self.upstream(&metadata, deadline, &span, message);
         let mut client = self.client.clone();
-        let mut res = self.call(deadline, client.send(upstream)).await?;
+        let mut res = self
+            .call(deadline, &mut span, client.send(upstream))
+            .await?;
+        span.finish(tonic::Code::Ok);
         if let Some(pong) = res.pong.as_mut() {
             pong.hops.insert(0, hop);
         }
@@ -226,10 +246,13 @@ impl PingService for Forwarder {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
-        let upstream = self.upstream(&metadata, deadline, message);
+        let mut span = ClientCall::start(SERVICE, "SendStream", &self.upstream_url);
+        let upstream = self.upstream(&metadata, deadline, &span, message);
         let mut client = self.client.clone();
-        let pongs = self.call(deadline, client.send_stream(upstream)).await?;
-        Ok(Response::new(self.pongs(pongs, hop, deadline, None)))
+        let pongs = self
+            .call(deadline, &mut span, client.send_stream(upstream))
+            .await?;
+        Ok(Response::new(self.pongs(pongs, span, hop, deadline, None)))
     }
 
     async fn collect(
@@ -240,14 +263,18 @@ impl PingService for Forwarder {
         let hop = self.my_hop(&request);
         let (metadata, _, pings) = request.into_parts();
         let (outbound, failed) = inbound(pings);
-        let upstream = self.upstream(&metadata, deadline, outbound);
+        let mut span = ClientCall::start(SERVICE, "Collect", &self.upstream_url);
+        let upstream = self.upstream(&metadata, deadline, &span, outbound);
         let mut client = self.client.clone();
-        let call = self.call(deadline, client.collect(upstream));
-        tokio::pin!(call);
-        let mut summary = tokio::select! {
-            res = &mut call => res?,
-            Ok(status) = failed => return Err(status),
+        let mut summary = {
+            let call = self.call(deadline, &mut span, client.collect(upstream));
+            tokio::pin!(call);
+            tokio::select! {
+                res = &mut call => res?,
+                Ok(status) = failed => return Err(status),
+            }
         };
+        span.finish(tonic::Code::Ok);
         summary.hops.insert(0, hop);
         Ok(Response::new(summary))
     }
@@ -262,11 +289,15 @@ impl PingService for Forwarder {
         let hop = self.my_hop(&request);
         let (metadata, _, pings) = request.into_parts();
         let (outbound, failed) = inbound(pings);
-        let upstream = self.upstream(&metadata, deadline, outbound);
+        let mut span = ClientCall::start(SERVICE, "Chat", &self.upstream_url);
+        let upstream = self.upstream(&metadata, deadline, &span, outbound);
         let mut client = self.client.clone();
-        let pongs = self.call(deadline, client.chat(upstream)).await?;
+        let pongs = self
+            .call(deadline, &mut span, client.chat(upstream))
+            .await?;
         Ok(Response::new(self.pongs(
             pongs,
+            span,
             hop,
             deadline,
             Some(failed),

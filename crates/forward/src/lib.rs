@@ -81,6 +81,10 @@ impl ServiceConfig for Config {
     fn server(&self) -> &ServerConfig {
         &self.server
     }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
 }
 
 /// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].

@@ -54,6 +54,10 @@ impl ServiceConfig for Config {
     fn server(&self) -> &ServerConfig {
         &self.server
     }
+
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
 }
 
 /// What ping can refuse; the one place its errors get their gRPC code.

@@ -4,6 +4,7 @@
 //! - [`config`]: `PORT`, `SHUTDOWN_GRACE`, `MAX_MESSAGE_SIZE`, `LOG_FORMAT`, parsed once per service.
 //! - [`telemetry`]: JSON logs in Cloud Logging's structured format, or text for a terminal.
 //! - [`serve()`]: h2c on an already-bound listener, health, reflection, auth, graceful drain.
+//! - [`observe`]: a span, an access-log line and RPC metrics per call, server and client side.
 //! - [`deadline`]: the caller's `grpc-timeout`, enforced on streams too (tonic only bounds the
 //!   response headers).
 //! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`.
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod deadline;
+pub mod observe;
 pub mod process;
 pub mod serve;
 pub mod shutdown;

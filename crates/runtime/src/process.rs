@@ -17,6 +17,8 @@ pub const EX_USAGE: u8 = 64;
 pub trait ServiceConfig {
     /// The shared server settings.
     fn server(&self) -> &ServerConfig;
+    /// Which service and instance this is, for telemetry.
+    fn identity(&self) -> &crate::Identity;
 }
 
 /// Runs a service binary: `healthcheck` subcommand, config, logs, bind, serve until SIGTERM.
@@ -49,7 +51,8 @@ where
             return ExitCode::from(EX_USAGE);
         }
     };
-    telemetry::init(config.server().log_format);
+    let telemetry =
+        telemetry::init(config.server().log_format, config.identity(), &ProcessEnv).await;
     let listener = match crate::serve::bind(config.server()).await {
         Ok(l) => l,
         Err(e) => {
@@ -57,13 +60,16 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match serve(config, listener, Box::pin(shutdown_signal())).await {
+    let code = match serve(config, listener, Box::pin(shutdown_signal())).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "server failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Spans of the last calls are flushed before the process exits.
+    telemetry.shutdown().await;
+    code
 }
 
 /// Checks `grpc.health.v1.Health` on `127.0.0.1:$PORT`: the images carry no `grpc_health_probe`.

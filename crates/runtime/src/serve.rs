@@ -119,6 +119,8 @@ pub async fn serve(
     let server = Server::builder()
         // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
         .layer(SizeLimitStatusLayer)
+        // Outside auth, so refused calls are traced and logged with their status too.
+        .layer(crate::observe::RpcTraceLayer)
         // Every call but health and reflection needs a verified caller.
         .layer(app.auth)
         .add_routes(routes)

@@ -1,39 +1,176 @@
-//! Logs as Cloud Logging reads them: one JSON object per line with `severity`, `message`, `time`.
+//! Logs as Cloud Logging reads them, and traces and metrics over OTLP when asked for.
 //!
 //! Cloud Run forwards a container's stdout/stderr to Cloud Logging, which parses a JSON line into
-//! a structured entry when it finds these keys; any other field becomes part of `jsonPayload`.
-//! `RUST_LOG` selects what is logged (default `info`).
+//! a structured entry when it finds `severity`, `message` and `time`, and ties it to a trace
+//! through `logging.googleapis.com/trace` (`projects/PROJECT/traces/ID`); any other field lands in
+//! `jsonPayload`. `RUST_LOG` selects what is logged (default `info`).
+//!
+//! Spans always get OpenTelemetry ids (so logs carry the caller's trace), but they are exported
+//! only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set:
+//! with neither, nothing connects anywhere.
 
-use std::{fmt, io};
+use std::{fmt, io, time::Duration};
 
+use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_sdk::{
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
+};
+use runmesh_config::Env;
 use serde_json::{Map, Value};
 use tracing::{Event, Level, Subscriber, field::Field};
 use tracing_subscriber::{
-    EnvFilter,
+    EnvFilter, Layer,
     fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, format::Writer},
+    layer::SubscriberExt,
     registry::LookupSpan,
+    util::SubscriberInitExt,
 };
 
-use crate::LogFormat;
+use crate::{Identity, LogFormat};
 
-/// Installs the process-wide subscriber; a second call (tests) is ignored.
-pub fn init(format: LogFormat) {
-    init_with_default(format, "info");
+/// Span fields the JSON format turns into Cloud Logging's trace keys.
+pub const TRACE_ID_FIELD: &str = "trace_id";
+/// See [`TRACE_ID_FIELD`].
+pub const SPAN_ID_FIELD: &str = "span_id";
+/// See [`TRACE_ID_FIELD`].
+pub const SAMPLED_FIELD: &str = "trace_sampled";
+
+/// Keeps the trace and metric pipelines alive; [`Telemetry::shutdown`] flushes them.
+#[derive(Debug)]
+pub struct Telemetry {
+    tracer: SdkTracerProvider,
+    meter: Option<SdkMeterProvider>,
 }
 
-/// Like [`init`], with `default` as the filter when `RUST_LOG` is unset.
+impl Telemetry {
+    /// Exports what is still buffered; called once the drain is over.
+    pub async fn shutdown(self) {
+        let flush = tokio::task::spawn_blocking(move || {
+            let _ = self.tracer.shutdown();
+            if let Some(m) = self.meter {
+                let _ = m.shutdown();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+    }
+}
+
+fn otlp_configured(env: &impl Env) -> bool {
+    env.get("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+}
+
+/// The Cloud project that trace ids in logs belong to: `GOOGLE_CLOUD_PROJECT`, else the metadata
+/// server's answer when running on Google Cloud (Cloud Run sets `K_SERVICE`) or told where it is.
+async fn cloud_project(env: &impl Env) -> Option<String> {
+    if let Some(p) = env.get("GOOGLE_CLOUD_PROJECT") {
+        return Some(p);
+    }
+    let host = match env.get("GCE_METADATA_HOST") {
+        Some(h) => h,
+        None if env.get("K_SERVICE").is_some() => "metadata.google.internal".to_string(),
+        None => return None,
+    };
+    let url = format!("http://{host}/computeMetadata/v1/project/project-id");
+    let res = reqwest::Client::new()
+        .get(url)
+        .header("Metadata-Flavor", "Google")
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    res.text().await.ok().filter(|p| !p.trim().is_empty())
+}
+
+/// Installs logs, traces and metrics for `identity`; a second call (tests) installs nothing.
+pub async fn init(format: LogFormat, identity: &Identity, env: &impl Env) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let resource = Resource::builder()
+        .with_service_name(
+            env.get("K_SERVICE")
+                .unwrap_or_else(|| identity.service.to_string()),
+        )
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", identity.instance.clone()),
+        ])
+        .build();
+    let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
+    let mut meter = None;
+    let mut export_error = None;
+    if otlp_configured(env) {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => tracer = tracer.with_batch_exporter(exporter),
+            Err(e) => export_error = Some(e.to_string()),
+        }
+        match opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => {
+                let provider = SdkMeterProvider::builder()
+                    .with_resource(resource)
+                    .with_reader(
+                        opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build(),
+                    )
+                    .build();
+                opentelemetry::global::set_meter_provider(provider.clone());
+                meter = Some(provider);
+            }
+            Err(e) => export_error = Some(e.to_string()),
+        }
+    }
+    let tracer = tracer.build();
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer.tracer("runmesh"));
+    install(format, "info", Some(otel));
+    if let Some(e) = export_error {
+        tracing::error!(error = %e, "OTLP exporter not built; telemetry is not exported");
+    }
+    let project = cloud_project(env).await;
+    let _ = PROJECT.set(project);
+    Telemetry { tracer, meter }
+}
+
+static PROJECT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Logs only, with `default` as the filter when `RUST_LOG` is unset (the CLI's own output).
 pub fn init_with_default(format: LogFormat, default: &str) {
+    install::<tracing_opentelemetry::OpenTelemetryLayer<_, opentelemetry_sdk::trace::SdkTracer>>(
+        format, default, None,
+    );
+}
+
+fn install<L>(format: LogFormat, default: &str, otel: Option<L>)
+where
+    L: Layer<tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>>
+        + Send
+        + Sync
+        + 'static,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(CloudLogging)
-            .try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+            .with_writer(io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(io::stderr)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt)
+        .try_init();
 }
 
 /// Formats events as Cloud Logging structured JSON lines.
@@ -85,8 +222,27 @@ where
         let mut visitor = JsonVisitor(&mut entry);
         event.record(&mut visitor);
         entry.entry("message").or_insert_with(|| "".into());
+        cloud_trace_keys(&mut entry);
         let line = serde_json::to_string(&entry).map_err(|_| fmt::Error)?;
         writeln!(writer, "{line}")
+    }
+}
+
+/// Moves the span's trace ids to the keys Cloud Logging links to Cloud Trace.
+fn cloud_trace_keys(entry: &mut Map<String, Value>) {
+    let Some(Value::String(trace)) = entry.remove(TRACE_ID_FIELD) else {
+        return;
+    };
+    let name = match PROJECT.get().and_then(Option::as_deref) {
+        Some(project) => format!("projects/{project}/traces/{trace}"),
+        None => trace,
+    };
+    entry.insert("logging.googleapis.com/trace".into(), name.into());
+    if let Some(span) = entry.remove(SPAN_ID_FIELD) {
+        entry.insert("logging.googleapis.com/spanId".into(), span);
+    }
+    if let Some(sampled) = entry.remove(SAMPLED_FIELD) {
+        entry.insert("logging.googleapis.com/trace_sampled".into(), sampled);
     }
 }
 

@@ -66,6 +66,10 @@ impl Proc {
         cmd.args(args)
             .env_remove("GCE_METADATA_HOST")
             .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("GOOGLE_CLOUD_PROJECT")
+            .env_remove("K_SERVICE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -304,37 +308,36 @@ pub struct Mesh {
 impl Mesh {
     /// Starts the whole authenticated chain.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the chain with `extra` settings for every service (e.g. telemetry).
+    pub async fn start_with(extra: &[(&str, String)]) -> Self {
         let idp = Idp::start(&[GATEWAY_SA, RELAY_SA]).await;
-        let ping = Self::start_ping(&idp, free_port()).await;
+        let ping = Self::start_ping_with(&idp, free_port(), extra).await;
         let relay_port = free_port();
         let relay_url = format!("http://127.0.0.1:{relay_port}");
-        let relay = Service::start_on(
-            "relay",
-            relay_port,
-            &[
-                ("AUTH_AUDIENCE", relay_url.clone()),
-                ("AUTH_JWKS_URL", idp.jwks.clone()),
-                ("AUTH_ALLOWED_CALLERS", GATEWAY_SA.to_string()),
-                ("UPSTREAM_URL", ping.url.clone()),
-                ("UPSTREAM_AUDIENCE", ping.url.clone()),
-                ("GCE_METADATA_HOST", idp.metadata_host(RELAY_SA)),
-            ],
-        )
-        .await;
+        let mut env = vec![
+            ("AUTH_AUDIENCE", relay_url.clone()),
+            ("AUTH_JWKS_URL", idp.jwks.clone()),
+            ("AUTH_ALLOWED_CALLERS", GATEWAY_SA.to_string()),
+            ("UPSTREAM_URL", ping.url.clone()),
+            ("UPSTREAM_AUDIENCE", ping.url.clone()),
+            ("GCE_METADATA_HOST", idp.metadata_host(RELAY_SA)),
+        ];
+        env.extend_from_slice(extra);
+        let relay = Service::start_on("relay", relay_port, &env).await;
         let gateway_port = free_port();
         let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-        let gateway = Service::start_on(
-            "gateway",
-            gateway_port,
-            &[
-                ("AUTH_AUDIENCE", gateway_url),
-                ("AUTH_JWKS_URL", idp.jwks.clone()),
-                ("UPSTREAM_URL", relay.url.clone()),
-                ("UPSTREAM_AUDIENCE", relay.url.clone()),
-                ("GCE_METADATA_HOST", idp.metadata_host(GATEWAY_SA)),
-            ],
-        )
-        .await;
+        let mut env = vec![
+            ("AUTH_AUDIENCE", gateway_url),
+            ("AUTH_JWKS_URL", idp.jwks.clone()),
+            ("UPSTREAM_URL", relay.url.clone()),
+            ("UPSTREAM_AUDIENCE", relay.url.clone()),
+            ("GCE_METADATA_HOST", idp.metadata_host(GATEWAY_SA)),
+        ];
+        env.extend_from_slice(extra);
+        let gateway = Service::start_on("gateway", gateway_port, &env).await;
         Self {
             idp,
             ping,
@@ -345,17 +348,19 @@ impl Mesh {
 
     /// Starts (or restarts) ping on `port`, accepting only relay's identity.
     pub async fn start_ping(idp: &Idp, port: u16) -> Service {
+        Self::start_ping_with(idp, port, &[]).await
+    }
+
+    /// [`Mesh::start_ping`] with `extra` settings.
+    pub async fn start_ping_with(idp: &Idp, port: u16, extra: &[(&str, String)]) -> Service {
         let url = format!("http://127.0.0.1:{port}");
-        Service::start_on(
-            "ping",
-            port,
-            &[
-                ("AUTH_AUDIENCE", url),
-                ("AUTH_JWKS_URL", idp.jwks.clone()),
-                ("AUTH_ALLOWED_CALLERS", RELAY_SA.to_string()),
-            ],
-        )
-        .await
+        let mut env = vec![
+            ("AUTH_AUDIENCE", url),
+            ("AUTH_JWKS_URL", idp.jwks.clone()),
+            ("AUTH_ALLOWED_CALLERS", RELAY_SA.to_string()),
+        ];
+        env.extend_from_slice(extra);
+        Service::start_on("ping", port, &env).await
     }
 
     /// A user token for the gateway.
