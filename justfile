@@ -27,3 +27,8 @@ lint:
 # Deploy the three services to Cloud Run (see docs/deploy.md); pass --dry-run to only print.
 deploy *ARGS:
     bash deploy/cloudrun/deploy.sh {{ARGS}}
+
+# Mixed calls through the chain for 10 minutes: no error, flat RSS, no fd leak.
+soak SECS="600":
+    cargo build --workspace --bins
+    SOAK_SECS={{SECS}} cargo test -p runmesh-testkit --test soak -- --ignored --nocapture

@@ -94,6 +94,7 @@ pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     App {
+        name: config.role.name(),
         routes: Routes::new(server),
         health_names: vec![runmesh_proto::PING_SERVICE_NAME],
         auth: ServerAuthLayer::new(&config.auth),

@@ -299,6 +299,7 @@ pub fn app(config: &Config, ping: Ping, drain: Drain) -> App {
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     App {
+        name: "ping",
         routes: Routes::new(server),
         health_names: vec![runmesh_proto::PING_SERVICE_NAME],
         auth: ServerAuthLayer::new(&config.auth),

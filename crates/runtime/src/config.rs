@@ -27,6 +27,11 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// `LOG_FORMAT`: `json` (default) or `text`.
     pub log_format: LogFormat,
+    /// `MAX_IN_FLIGHT`: calls served at once (streams count while open); more get
+    /// `RESOURCE_EXHAUSTED`.
+    pub max_in_flight: usize,
+    /// `MAX_CONCURRENT_STREAMS`: HTTP/2 streams per connection the server advertises.
+    pub max_concurrent_streams: u32,
 }
 
 impl ServerConfig {
@@ -34,6 +39,10 @@ impl ServerConfig {
     pub const DEFAULT_PORT: u16 = 8080;
     /// gRPC's usual default, as in grpc-go and the C core.
     pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+    /// Well above Cloud Run's maximum concurrency per instance (1000).
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 2000;
+    /// Cloud Run's front end multiplexes many calls on one connection; 1000 keeps it unqueued.
+    pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
     /// Reads the shared settings; errors name the variable and the value.
     pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
@@ -54,7 +63,29 @@ impl ServerConfig {
             &[("json", LogFormat::Json), ("text", LogFormat::Text)],
             LogFormat::Json,
         )?;
+        let max_in_flight = parse_or(env, "MAX_IN_FLIGHT", Self::DEFAULT_MAX_IN_FLIGHT)?;
+        if max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_IN_FLIGHT",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        let max_concurrent_streams = parse_or(
+            env,
+            "MAX_CONCURRENT_STREAMS",
+            Self::DEFAULT_MAX_CONCURRENT_STREAMS,
+        )?;
+        if max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "MAX_CONCURRENT_STREAMS",
+                "0",
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
+            max_in_flight,
+            max_concurrent_streams,
             host,
             port,
             grace,
@@ -97,6 +128,8 @@ mod tests {
     fn bad_grace_size_and_format_are_refused() {
         assert!(ServerConfig::from_env(&[("SHUTDOWN_GRACE", "ten")]).is_err());
         assert!(ServerConfig::from_env(&[("MAX_MESSAGE_SIZE", "0")]).is_err());
+        assert!(ServerConfig::from_env(&[("MAX_IN_FLIGHT", "0")]).is_err());
+        assert!(ServerConfig::from_env(&[("MAX_CONCURRENT_STREAMS", "-3")]).is_err());
         let err = ServerConfig::from_env(&[("LOG_FORMAT", "xml")]).unwrap_err();
         assert!(err.to_string().contains("json, text"), "{err}");
     }

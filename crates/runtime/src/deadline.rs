@@ -54,10 +54,22 @@ pub fn format_grpc_timeout(timeout: Duration) -> String {
     format!("{secs}S")
 }
 
-/// When the caller's deadline passes, if it sent one.
+/// When this hop must give up on the caller's behalf, if the caller sent a deadline.
+///
+/// A small margin is kept back: tonic's server runs its own `grpc-timeout` timer from the moment
+/// the request arrived and answers `CANCELLED` when it fires, and the caller's clock started
+/// earlier still. Giving up slightly before both lets this hop answer `DEADLINE_EXCEEDED`, the
+/// code gRPC defines for it, while the caller is still listening.
 pub fn deadline(metadata: &MetadataMap) -> Option<Instant> {
     let value = metadata.get(GRPC_TIMEOUT)?.to_str().ok()?;
-    parse_grpc_timeout(value).map(|t| Instant::now() + t)
+    parse_grpc_timeout(value).map(|t| Instant::now() + t - margin(t))
+}
+
+/// 2 % of the timeout, between 1 ms and 20 ms (never the whole timeout).
+fn margin(timeout: Duration) -> Duration {
+    (timeout / 50)
+        .clamp(Duration::from_millis(1), Duration::from_millis(20))
+        .min(timeout / 2)
 }
 
 pin_project! {
@@ -152,6 +164,17 @@ mod tests {
         for bad in ["", "S", "10", "10x", "123456789S", "-1S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_margin_is_small_and_never_eats_the_deadline() {
+        assert_eq!(margin(Duration::from_secs(1)), Duration::from_millis(20));
+        assert_eq!(margin(Duration::from_millis(100)), Duration::from_millis(2));
+        assert_eq!(
+            margin(Duration::from_micros(100)),
+            Duration::from_micros(50)
+        );
+        assert_eq!(margin(Duration::from_secs(3600)), Duration::from_millis(20));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`telemetry`]: JSON logs in Cloud Logging's structured format, or text for a terminal.
 //! - [`serve()`]: h2c on an already-bound listener, health, reflection, auth, graceful drain.
 //! - [`observe`]: a span, an access-log line and RPC metrics per call, server and client side.
+//! - [`limit`]: a bound on calls in flight, refused with `RESOURCE_EXHAUSTED` beyond it.
 //! - [`deadline`]: the caller's `grpc-timeout`, enforced on streams too (tonic only bounds the
 //!   response headers).
 //! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`.
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod deadline;
+pub mod limit;
 pub mod observe;
 pub mod process;
 pub mod serve;

@@ -604,7 +604,11 @@ mod tests {
         all.extend(msg(10));
         assert_eq!(c.feed(&all[..2]), 0);
         assert_eq!(c.feed(&all[2..9]), 1, "the first header completes here");
-        assert_eq!(c.feed(&all[9..]), 2, "the second header completes, the third follows");
+        assert_eq!(
+            c.feed(&all[9..]),
+            2,
+            "the second header completes, the third follows"
+        );
     }
 
     #[test]

@@ -20,11 +20,13 @@ use tonic_health::{
     server::{HealthReporter, HealthService},
 };
 
-use crate::{Drain, ServerConfig, status::SizeLimitStatusLayer};
+use crate::{Drain, ServerConfig, limit::InFlightLimitLayer, status::SizeLimitStatusLayer};
 
 /// What a service brings to [`serve`]: its gRPC routes and how callers are authenticated.
 #[derive(Debug)]
 pub struct App {
+    /// The service's name, for refusals raised by the server itself.
+    pub name: &'static str,
     /// The service's own gRPC services; health and reflection are added here.
     pub routes: Routes,
     /// Full gRPC names reported by health (besides the overall `""`).
@@ -117,10 +119,13 @@ pub async fn serve(
 
     tracing::info!(addr = %local, "serving h2c");
     let server = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
         // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
         .layer(SizeLimitStatusLayer)
         // Outside auth, so refused calls are traced and logged with their status too.
         .layer(crate::observe::RpcTraceLayer)
+        // Beyond the limit a call is refused before it costs a token check or an upstream call.
+        .layer(InFlightLimitLayer::new(config.max_in_flight, app.name))
         // Every call but health and reflection needs a verified caller.
         .layer(app.auth)
         .add_routes(routes)

@@ -129,6 +129,45 @@ impl Proc {
         assert!(ok, "kill -{signal} {pid}");
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        let pid = self.pid().expect("process running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// Peak resident memory so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Open file descriptors now.
+    pub fn fd_count(&self) -> usize {
+        let pid = self.pid().expect("process running");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Whether any printed line reports a panic.
+    pub fn panicked(&self) -> bool {
+        self.lines().iter().any(|l| l.contains("panicked"))
+    }
+
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         tokio::time::timeout(timeout, self.child.wait())
