@@ -16,12 +16,10 @@ pub mod upstream;
 
 use std::future::Future;
 
-use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
+use runmesh_auth::{ServerAuthConfig, UpstreamAuthConfig};
 use runmesh_config::{ConfigError, Env, http_url};
-use runmesh_proto::ping::v1::ping_service_server::PingServiceServer;
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
-use tonic::service::Routes;
 
 pub use error::ForwardError;
 pub use forwarder::Forwarder;
@@ -89,17 +87,13 @@ impl ServiceConfig for Config {
 
 /// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].
 pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
-    let max = config.server.max_message_size;
-    let server = PingServiceServer::new(forwarder)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    App {
-        name: config.role.name(),
-        routes: Routes::new(server),
-        health_names: vec![runmesh_proto::PING_SERVICE_NAME],
-        auth: ServerAuthLayer::new(&config.auth),
+    App::ping_service(
+        config.role.name(),
+        forwarder,
+        &config.server,
+        &config.auth,
         drain,
-    }
+    )
 }
 
 /// Serves a forwarding hop on `listener` until `shutdown`, then drains.
@@ -109,11 +103,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let channel = upstream::connect(&config).map_err(|e| {
-        ServeError::Listener(std::io::Error::other(format!(
+        ServeError::Setup(format!(
             "{}: upstream {}: {e}",
             config.role.name(),
             config.upstream_url
-        )))
+        ))
     })?;
     let drain = Drain::default();
     let forwarder = Forwarder::new(&config, channel, drain.clone());

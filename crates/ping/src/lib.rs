@@ -15,18 +15,18 @@ use std::{
 };
 
 use futures::{Stream, stream};
-use runmesh_auth::{Caller, ServerAuthConfig, ServerAuthLayer};
+use runmesh_auth::{Caller, ServerAuthConfig};
 use runmesh_config::{ConfigError, Env};
 use runmesh_proto::ping::v1::{
     CollectResponse, Hop, Pong, SendRequest, SendResponse, SendStreamRequest,
-    ping_service_server::{PingService, PingServiceServer},
+    ping_service_server::PingService,
 };
 use runmesh_runtime::{
     App, Drain, Identity, ServeError, ServerConfig, ServiceConfig, deadline,
     status::size_limit_to_resource_exhausted,
 };
 use tokio::net::TcpListener;
-use tonic::{Request, Response, Status, Streaming, service::Routes};
+use tonic::{Request, Response, Status, Streaming};
 
 /// ping's configuration: the shared server settings and how callers are verified.
 #[derive(Debug, Clone)]
@@ -294,17 +294,7 @@ impl PingService for Ping {
 
 /// ping's routes, health names and auth, ready for [`runmesh_runtime::serve`].
 pub fn app(config: &Config, ping: Ping, drain: Drain) -> App {
-    let max = config.server.max_message_size;
-    let server = PingServiceServer::new(ping)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    App {
-        name: "ping",
-        routes: Routes::new(server),
-        health_names: vec![runmesh_proto::PING_SERVICE_NAME],
-        auth: ServerAuthLayer::new(&config.auth),
-        drain,
-    }
+    App::ping_service("ping", ping, &config.server, &config.auth, drain)
 }
 
 /// Serves ping on `listener` until `shutdown`, then drains.

@@ -3,7 +3,8 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
-use runmesh_auth::ServerAuthLayer;
+use runmesh_auth::{ServerAuthConfig, ServerAuthLayer};
+use runmesh_proto::ping::v1::ping_service_server::{PingService, PingServiceServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -37,6 +38,29 @@ pub struct App {
     pub drain: Drain,
 }
 
+impl App {
+    /// `PingService` answered by `service`, with the message-size limit applied both ways.
+    pub fn ping_service<S: PingService>(
+        name: &'static str,
+        service: S,
+        server: &ServerConfig,
+        auth: &ServerAuthConfig,
+        drain: Drain,
+    ) -> Self {
+        let max = server.max_message_size;
+        let server = PingServiceServer::new(service)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        Self {
+            name,
+            routes: Routes::new(server),
+            health_names: vec![runmesh_proto::PING_SERVICE_NAME],
+            auth: ServerAuthLayer::new(auth),
+            drain,
+        }
+    }
+}
+
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,6 +70,9 @@ pub enum ServeError {
     /// The listener could not be configured.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
+    /// The service could not be set up (e.g. its upstream channel).
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Binds `$HOST:$PORT`.
