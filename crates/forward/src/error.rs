@@ -82,6 +82,26 @@ impl ForwardError {
     }
 }
 
+impl ForwardError {
+    /// Whether the failed call provably never reached the upstream, so sending it again cannot
+    /// run it twice: hyper cancelled it before dispatch (its connection was closing), or the
+    /// upstream refused the stream unprocessed (`REFUSED_STREAM`).
+    pub fn never_sent(status: &Status) -> bool {
+        let mut cause = status.source();
+        while let Some(e) = cause {
+            if e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+                || e.downcast_ref::<h2::Error>()
+                    .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
 impl From<ForwardError> for Status {
     fn from(e: ForwardError) -> Self {
         match e {
@@ -128,6 +148,17 @@ mod tests {
             "{}",
             out.message()
         );
+    }
+
+    #[test]
+    fn only_unprocessed_calls_count_as_never_sent() {
+        let refused = Status::from_error(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert!(ForwardError::never_sent(&refused));
+        let reset = Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert!(!ForwardError::never_sent(&reset));
+        assert!(!ForwardError::never_sent(&Status::unavailable(
+            "from the wire"
+        )));
     }
 
     #[test]

@@ -105,11 +105,12 @@ impl Forwarder {
         request
     }
 
-    /// Runs `call` against the caller's deadline, in the client span, mapping failures here.
-    async fn call<T>(
+    /// One attempt of `call` against the caller's deadline, in the client span; failures are
+    /// returned as the transport raised them.
+    async fn attempt<T>(
         &self,
         deadline: Option<Instant>,
-        client: &mut ClientCall,
+        client: &ClientCall,
         call: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<T, Status> {
         let call = call.instrument(client.span().clone());
@@ -120,12 +121,66 @@ impl Forwarder {
             },
             None => call.await,
         };
-        let result = result.map(Response::into_inner).map_err(|s| self.error(s));
-        // A stream's client span ends with the stream; a failed call ends here.
+        result.map(Response::into_inner)
+    }
+
+    /// Runs `call` once, mapping failures at this hop; a stream's client span ends with the
+    /// stream, a failed call's ends here.
+    async fn call<T>(
+        &self,
+        deadline: Option<Instant>,
+        client: &mut ClientCall,
+        call: impl Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        let result = self
+            .attempt(deadline, client, call)
+            .await
+            .map_err(|s| self.error(s));
         if let Err(status) = &result {
             client.finish(status.code());
         }
         result
+    }
+
+    /// Calls `method` with a one-message request, once more on a fresh connection if the first
+    /// attempt never reached the upstream (its connection was closing, e.g. after the upstream's
+    /// GOAWAY while it drains): gRPC's transparent retry, safe because nothing was processed.
+    async fn call_retrying<M, T, F, Fut>(
+        &self,
+        metadata: &MetadataMap,
+        deadline: Option<Instant>,
+        method: &'static str,
+        message: M,
+        mut make: F,
+    ) -> Result<(T, ClientCall), Status>
+    where
+        M: Clone,
+        F: FnMut(Request<M>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut client = ClientCall::start(SERVICE, method, &self.upstream_url);
+        let request = self.upstream(metadata, deadline, &client, message.clone());
+        let mut result = self.attempt(deadline, &client, make(request)).await;
+        if let Err(status) = &result
+            && ForwardError::never_sent(status)
+        {
+            tracing::debug!(
+                method,
+                "upstream connection closed before the call was sent; retrying"
+            );
+            client.finish(status.code());
+            client = ClientCall::start(SERVICE, method, &self.upstream_url);
+            let request = self.upstream(metadata, deadline, &client, message);
+            result = self.attempt(deadline, &client, make(request)).await;
+        }
+        match result {
+            Ok(t) => Ok((t, client)),
+            Err(status) => {
+                let status = self.error(status);
+                client.finish(status.code());
+                Err(status)
+            }
+        }
     }
 
     /// The upstream response stream with this hop prepended, bounded by deadline and drain.
@@ -224,11 +279,11 @@ impl PingService for Forwarder {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
-        let mut span = ClientCall::start(SERVICE, "Send", &self.upstream_url);
-        let upstream = self.upstream(&metadata, deadline, &span, message);
-        let mut client = self.client.clone();
-        let mut res = self
-            .call(deadline, &mut span, client.send(upstream))
+        let (mut res, mut span) = self
+            .call_retrying(&metadata, deadline, "Send", message, |req| {
+                let mut client = self.client.clone();
+                async move { client.send(req).await }
+            })
             .await?;
         span.finish(tonic::Code::Ok);
         if let Some(pong) = res.pong.as_mut() {
@@ -246,11 +301,11 @@ impl PingService for Forwarder {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
-        let mut span = ClientCall::start(SERVICE, "SendStream", &self.upstream_url);
-        let upstream = self.upstream(&metadata, deadline, &span, message);
-        let mut client = self.client.clone();
-        let pongs = self
-            .call(deadline, &mut span, client.send_stream(upstream))
+        let (pongs, span) = self
+            .call_retrying(&metadata, deadline, "SendStream", message, |req| {
+                let mut client = self.client.clone();
+                async move { client.send_stream(req).await }
+            })
             .await?;
         Ok(Response::new(self.pongs(pongs, span, hop, deadline, None)))
     }

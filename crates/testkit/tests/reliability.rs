@@ -378,3 +378,62 @@ async fn a_reader_that_stalls_does_not_make_the_hops_buffer_and_slow_upstreams_m
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_draining_upstreams_goaway_leads_to_a_new_connection_not_failed_calls() {
+    let mut mesh = Mesh::start_with(&[("SHUTDOWN_GRACE", "5s".to_string())]).await;
+    let token = mesh.user_token().await;
+    let mut client = mesh.gateway.client().await;
+    let port = mesh.ping.port;
+    let old_instance = {
+        let pong = client
+            .send(authed(unary(), &token))
+            .await
+            .unwrap()
+            .into_inner();
+        pong.pong.unwrap().hops[2].instance.clone()
+    };
+    // A call still running on the old connection while ping drains.
+    let mut long = client
+        .send_stream(authed(stream_req(8, 250, 0), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    long.next().await.unwrap().unwrap();
+
+    // Draining ping sends GOAWAY and stops listening; a new ping takes the port.
+    mesh.ping.proc.signal("TERM");
+    let draining = std::mem::replace(
+        &mut mesh.ping,
+        loop {
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                break Mesh::start_ping_with(
+                    &mesh.idp,
+                    port,
+                    &[("K_REVISION", "ping-replacement".to_string())],
+                )
+                .await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        },
+    );
+    for _ in 0..20 {
+        let pong = client
+            .send(authed(unary(), &token))
+            .await
+            .expect("a call started after GOAWAY must not fail")
+            .into_inner();
+        let instance = &pong.pong.unwrap().hops[2].instance;
+        assert_eq!(
+            instance, "ping-replacement",
+            "served by the draining ping ({old_instance})"
+        );
+    }
+    let rest: Vec<_> = long.collect().await;
+    assert_eq!(rest.len(), 7, "{rest:?}");
+    assert!(
+        rest.iter().all(Result::is_ok),
+        "the draining ping's stream was cut: {rest:?}"
+    );
+    drop(draining);
+}
