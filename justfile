@@ -32,3 +32,15 @@ deploy *ARGS:
 soak SECS="600":
     cargo build --workspace --bins
     SOAK_SECS={{SECS}} cargo test -p runmesh-testkit --test soak -- --ignored --nocapture
+
+# Side by side: direct, one relay hop, one nginx grpc_pass hop, the full chain (release builds;
+# installs Debian's nginx if missing). Prints the table; writes target/bench/results.json and
+# target/bench/latency.svg. Pass harness flags, e.g. `just bench --duration 20s`.
+bench *ARGS:
+    nice cargo build --release -p runmesh-cli -p runmesh-ping -p runmesh-relay -p runmesh-gateway -p runmesh-bench
+    target/release/runmesh-bench {{ARGS}}
+
+# The benchmark harness end to end in seconds, on the debug binaries; figures mean nothing (CI).
+bench-smoke:
+    cargo build -p runmesh-cli -p runmesh-ping -p runmesh-relay -p runmesh-gateway -p runmesh-bench
+    target/debug/runmesh-bench --smoke --bin-dir target/debug

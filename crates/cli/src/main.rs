@@ -1,6 +1,7 @@
 //! `runmesh`: call any runmesh service, mint local tokens, run the local identity server, or
 //! bring the whole mesh up on this machine.
 
+mod bench;
 mod call;
 mod idp;
 mod output;
@@ -38,6 +39,8 @@ enum Command {
     /// Starts identity server, ping, relay and gateway here, shows a chained call of each type,
     /// and serves until Ctrl-C.
     Up(up::UpArgs),
+    /// Loads a service with calls and reports throughput, latency percentiles and errors.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -52,6 +55,7 @@ async fn main() -> ExitCode {
         Command::Token(args) => idp::token(args).await,
         Command::Idp(args) => idp::serve(args).await,
         Command::Up(args) => up::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

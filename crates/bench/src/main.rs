@@ -1,0 +1,788 @@
+//! `runmesh-bench` (`just bench`): runmesh's hops side by side with direct calls and with the
+//! hop people would otherwise use, nginx's `grpc_pass`, all in one run on this machine.
+//!
+//! Scenarios, each loaded by `runmesh bench` with the same connections and calls in flight:
+//! direct (client → ping), relay (client → relay → ping), nginx (client → nginx → ping, no auth
+//! at nginx) and chain (client → gateway → relay → ping); every runmesh service verifies its
+//! caller's token. Workloads: unary with 64 B and 4 KiB payloads, server streaming with 1 KiB
+//! messages; then one connection with one call at a time for the latency a hop adds, and
+//! `--streams` open streams through the chain for memory.
+//!
+//! # Layout
+//! - `procs`: the processes, their memory, and stopping them by PID whatever happens;
+//! - `nginx`: installing, configuring and starting the reference hop;
+//! - `report`: the table, the targets, `results.json` and the SVG latency chart.
+
+mod nginx;
+mod procs;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{ExitCode, Stdio},
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::procs::{Proc, free_port};
+
+/// The service account relay calls ping as.
+const RELAY_SA: &str = "relay@runmesh-bench.iam.gserviceaccount.com";
+/// The service account gateway calls relay as.
+const GATEWAY_SA: &str = "gateway@runmesh-bench.iam.gserviceaccount.com";
+/// The benchmark's end user.
+const USER: &str = "bench@example.com";
+/// Longest a service may take to come up before the run fails.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "runmesh-bench",
+    about = "runmesh hops side by side with direct calls and nginx"
+)]
+struct Args {
+    /// Directory of the `ping`, `relay`, `gateway` and `runmesh` binaries [default: the
+    /// workspace's target/release].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where results, logs and nginx's files go [default: the workspace's target/bench].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Measured time of each run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Load before each run's measurement, not counted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// HTTP/2 connections from the client in the throughput runs.
+    #[arg(long, default_value_t = 4)]
+    connections: u32,
+    /// Calls in flight per connection in the throughput runs.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+    /// Open streams through the chain for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    streams: u32,
+    /// A quick pass over everything, for CI: short runs whose figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Leave out the nginx scenario.
+    #[arg(long)]
+    no_nginx: bool,
+    /// Extra `KEY=VALUE` environment for ping, relay and gateway (not nginx, not the client),
+    /// e.g. `LD_PRELOAD=…` to try an allocator or `MAX_CONCURRENT_STREAMS=2000`; repeatable.
+    #[arg(long = "service-env", value_parser = parse_env)]
+    service_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+/// A load shape, run against every scenario.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Workload {
+    /// Short name, for results.
+    key: &'static str,
+    /// What a reader sees.
+    title: &'static str,
+    /// `runmesh bench --kind`.
+    kind: &'static str,
+    payload: usize,
+    /// Whether throughput is messages rather than calls.
+    streaming: bool,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        key: "unary-64",
+        title: "unary 64 B",
+        kind: "unary",
+        payload: 64,
+        streaming: false,
+    },
+    Workload {
+        key: "unary-4k",
+        title: "unary 4 KiB",
+        kind: "unary",
+        payload: 4096,
+        streaming: false,
+    },
+    Workload {
+        key: "stream-1k",
+        title: "server stream 1 KiB",
+        kind: "server-stream",
+        payload: 1024,
+        streaming: true,
+    },
+];
+
+/// Where a scenario's client connects, with which token.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: &'static str,
+    target: String,
+    token: String,
+}
+
+/// One `runmesh bench` run.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    workload: &'static str,
+    scenario: &'static str,
+    /// `runmesh bench --json` output.
+    report: Value,
+    /// Peak RSS of each service during the run, KiB.
+    peak_rss_kib: BTreeMap<String, u64>,
+}
+
+/// What was measured about one service process.
+#[derive(Debug, Clone, Default, Serialize)]
+struct ServiceFacts {
+    start_to_serving_ms: f64,
+    rss_idle_kib: u64,
+    rss_load_peak_kib: u64,
+    rss_open_streams_kib: Option<u64>,
+}
+
+/// Everything `results.json` holds.
+#[derive(Debug, Serialize)]
+struct Results {
+    machine: BTreeMap<&'static str, Value>,
+    settings: BTreeMap<&'static str, Value>,
+    services: BTreeMap<String, ServiceFacts>,
+    runs: Vec<Run>,
+    latency_1x1: Vec<Run>,
+    open_streams: Option<Run>,
+    targets: Vec<report::Target>,
+    smoke_checks: Vec<Run>,
+}
+
+/// The running services, stopped when dropped.
+#[derive(Debug)]
+struct Services {
+    idp: Proc,
+    /// ping, relay, gateway and (maybe) nginx, with their ports.
+    hops: Vec<(Proc, u16)>,
+}
+
+impl Services {
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.hops
+            .iter()
+            .map(|(p, _)| (p.name.clone(), p.pid()))
+            .collect()
+    }
+
+    fn check_running(&mut self) -> Result<(), String> {
+        self.idp.check_running()?;
+        self.hops
+            .iter_mut()
+            .try_for_each(|(p, _)| p.check_running())
+    }
+
+    fn stop(&mut self) {
+        // Front to back, so no hop logs its upstream vanishing.
+        for (p, _) in self.hops.iter_mut().rev() {
+            p.stop(Duration::from_secs(3));
+        }
+        self.idp.stop(Duration::from_secs(3));
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::canonicalize(&root).unwrap_or(root)
+}
+
+fn service_cmd(bin: &Path, port: u16, env: &[(&str, String)]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env_remove("GCE_METADATA_HOST")
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("LOG_FORMAT", "json")
+        // nginx logs no request either (access_log off).
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+struct Harness {
+    args: Args,
+    bin_dir: PathBuf,
+    out: PathBuf,
+    logs: PathBuf,
+}
+
+impl Harness {
+    fn bin(&self, name: &str) -> Result<PathBuf, String> {
+        let path = self.bin_dir.join(name);
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} is missing: build it first (`just bench` builds release binaries)",
+                path.display()
+            ))
+        }
+    }
+
+    /// Starts a service and waits until it is SERVING; returns it with its start time.
+    async fn start_service(
+        &self,
+        name: &str,
+        port: u16,
+        env: &[(&str, String)],
+    ) -> Result<(Proc, Duration), String> {
+        let mut cmd = service_cmd(&self.bin(name)?, port, env);
+        cmd.envs(self.args.service_env.iter().map(|(k, v)| (k, v)));
+        let mut proc = Proc::spawn(name, cmd, &self.logs, "TERM")?;
+        let took = proc.wait_serving(port, START_TIMEOUT).await?;
+        Ok((proc, took))
+    }
+
+    /// The identity server, ping, relay, gateway and nginx, chained; plus the facts measured
+    /// while starting them.
+    async fn start_all(
+        &self,
+        nginx_bin: Option<&Path>,
+    ) -> Result<
+        (
+            Services,
+            BTreeMap<String, ServiceFacts>,
+            BTreeMap<&'static str, String>,
+        ),
+        String,
+    > {
+        let runmesh = self.bin("runmesh")?;
+        let mut idp_cmd = std::process::Command::new(&runmesh);
+        idp_cmd.args(["idp", "--api", "127.0.0.1:0"]);
+        for sa in [GATEWAY_SA, RELAY_SA] {
+            idp_cmd.args(["--identity", &format!("{sa}=127.0.0.1:0")]);
+        }
+        let mut idp = Proc::spawn("idp", idp_cmd, &self.logs, "TERM")?;
+        let ready: Value =
+            serde_json::from_str(&idp.wait_for_line("\"jwks\"", START_TIMEOUT).await?)
+                .map_err(|e| format!("idp ready line: {e}"))?;
+        let field = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let api = field(&ready["api"]);
+        let jwks = field(&ready["jwks"]);
+        let metadata = |sa: &str| field(&ready["identities"][sa]);
+        let mut services = Services {
+            idp,
+            hops: Vec::new(),
+        };
+        let mut facts = BTreeMap::new();
+        let mut urls = BTreeMap::new();
+        urls.insert("idp", api);
+
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let ping_port = free_port()?;
+        let (ping, took) = self
+            .start_service(
+                "ping",
+                ping_port,
+                &[
+                    ("AUTH_AUDIENCE", url(ping_port)),
+                    ("AUTH_JWKS_URL", jwks.clone()),
+                    ("AUTH_ALLOWED_CALLERS", format!("{USER},{RELAY_SA}")),
+                ],
+            )
+            .await?;
+        services.hops.push((ping, ping_port));
+        facts.insert("ping".to_string(), started(took));
+        urls.insert("ping", url(ping_port));
+
+        let relay_port = free_port()?;
+        let (relay, took) = self
+            .start_service(
+                "relay",
+                relay_port,
+                &[
+                    ("AUTH_AUDIENCE", url(relay_port)),
+                    ("AUTH_JWKS_URL", jwks.clone()),
+                    ("AUTH_ALLOWED_CALLERS", format!("{USER},{GATEWAY_SA}")),
+                    ("UPSTREAM_URL", url(ping_port)),
+                    ("UPSTREAM_AUDIENCE", url(ping_port)),
+                    ("GCE_METADATA_HOST", metadata(RELAY_SA)),
+                ],
+            )
+            .await?;
+        services.hops.push((relay, relay_port));
+        facts.insert("relay".to_string(), started(took));
+        urls.insert("relay", url(relay_port));
+
+        let gateway_port = free_port()?;
+        let (gateway, took) = self
+            .start_service(
+                "gateway",
+                gateway_port,
+                &[
+                    ("AUTH_AUDIENCE", url(gateway_port)),
+                    ("AUTH_JWKS_URL", jwks),
+                    ("UPSTREAM_URL", url(relay_port)),
+                    ("UPSTREAM_AUDIENCE", url(relay_port)),
+                    ("GCE_METADATA_HOST", metadata(GATEWAY_SA)),
+                ],
+            )
+            .await?;
+        services.hops.push((gateway, gateway_port));
+        facts.insert("gateway".to_string(), started(took));
+        urls.insert("gateway", url(gateway_port));
+
+        if let Some(nginx_bin) = nginx_bin {
+            let port = free_port()?;
+            let workers = std::thread::available_parallelism().map_or(2, usize::from);
+            let mut proc = nginx::start(
+                nginx_bin,
+                &self.out.join("nginx"),
+                &self.logs,
+                port,
+                ping_port,
+                workers,
+            )?;
+            // Health passes through nginx to ping: SERVING means the whole hop works.
+            let took = proc.wait_serving(port, START_TIMEOUT).await?;
+            services.hops.push((proc, port));
+            facts.insert("nginx".to_string(), started(took));
+            urls.insert("nginx", url(port));
+        }
+
+        // Idle: up, connected to nothing yet, after a moment to settle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (proc, _) in &services.hops {
+            if let Some(f) = facts.get_mut(&proc.name) {
+                f.rss_idle_kib = proc.rss_kib();
+            }
+        }
+        Ok((services, facts, urls))
+    }
+
+    /// An end-user ID token for `audience` from the identity server.
+    async fn token(&self, idp: &str, audience: &str) -> Result<String, String> {
+        let out = tokio::process::Command::new(self.bin("runmesh")?)
+            .args([
+                "token",
+                "--idp",
+                idp,
+                "--audience",
+                audience,
+                "--email",
+                USER,
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("runmesh token: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "runmesh token: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Runs `runmesh bench --json` against `scenario`, sampling every service's RSS.
+    async fn bench(
+        &self,
+        services: &mut Services,
+        scenario: &Scenario,
+        flags: &[String],
+        budget: Duration,
+    ) -> Result<(Value, BTreeMap<String, u64>), String> {
+        let mut cmd = tokio::process::Command::new(self.bin("runmesh")?);
+        cmd.arg("bench")
+            .args(["--target", &scenario.target, "--json"])
+            .args(flags)
+            .env("RUNMESH_TOKEN", &scenario.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|e| format!("runmesh bench: {e}"))?;
+        let pids = services.pids();
+        let mut peaks: BTreeMap<String, u64> = BTreeMap::new();
+        let output = child.wait_with_output();
+        tokio::pin!(output);
+        let give_up = tokio::time::sleep(budget + Duration::from_secs(30));
+        tokio::pin!(give_up);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let output = loop {
+            tokio::select! {
+                out = &mut output => break out.map_err(|e| format!("runmesh bench: {e}"))?,
+                _ = tick.tick() => {
+                    for (name, pid) in &pids {
+                        let rss = procs::tree_rss_kib(*pid);
+                        let peak = peaks.entry(name.clone()).or_default();
+                        *peak = (*peak).max(rss);
+                    }
+                }
+                () = &mut give_up => {
+                    return Err(format!("runmesh bench against {} did not finish in time", scenario.name));
+                }
+            }
+        };
+        services.check_running()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report: Value = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| {
+                format!(
+                    "runmesh bench against {} printed no result: {}",
+                    scenario.name,
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })?;
+        Ok((report, peaks))
+    }
+
+    async fn run(&self) -> Result<Results, String> {
+        let a = &self.args;
+        std::fs::create_dir_all(&self.logs).map_err(|e| format!("{}: {e}", self.logs.display()))?;
+        let nginx_bin = if a.no_nginx {
+            None
+        } else {
+            match nginx::ensure_installed() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("warning: {e}; leaving out the nginx scenario");
+                    None
+                }
+            }
+        };
+        let mut machine = machine_facts();
+        if let Some(n) = &nginx_bin {
+            machine.insert(
+                "nginx",
+                nginx::version(n)
+                    .map(|(x, y, z)| format!("{x}.{y}.{z}"))
+                    .into(),
+            );
+        }
+
+        let (mut services, mut facts, urls) = self.start_all(nginx_bin.as_deref()).await?;
+        let idp = urls["idp"].clone();
+        let mut scenarios = Vec::new();
+        for (name, front, audience) in [
+            ("direct", "ping", "ping"),
+            ("relay", "relay", "relay"),
+            // nginx checks nothing: ping verifies the caller's token, as in direct.
+            ("nginx", "nginx", "ping"),
+            ("chain", "gateway", "gateway"),
+        ] {
+            let Some(target) = urls.get(front) else {
+                continue;
+            };
+            scenarios.push(Scenario {
+                name,
+                target: target.clone(),
+                token: self.token(&idp, &urls[audience]).await?,
+            });
+        }
+
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        let budget = a.warmup + a.duration;
+        let mut runs = Vec::new();
+        for w in WORKLOADS {
+            for s in &scenarios {
+                eprintln!("{:<20} {:<7} …", w.title, s.name);
+                let mut flags = vec![
+                    "--kind".to_string(),
+                    w.kind.to_string(),
+                    "--payload-size".into(),
+                    w.payload.to_string(),
+                    "--connections".into(),
+                    a.connections.to_string(),
+                    "--concurrency".into(),
+                    a.concurrency.to_string(),
+                    "--duration".into(),
+                    secs(a.duration),
+                    "--warmup".into(),
+                    secs(a.warmup),
+                ];
+                if w.streaming {
+                    flags.extend(["--stream-count".into(), "100".into()]);
+                }
+                let (report, peaks) = self.bench(&mut services, s, &flags, budget).await?;
+                runs.push(Run {
+                    workload: w.key,
+                    scenario: s.name,
+                    report,
+                    peak_rss_kib: peaks,
+                });
+            }
+        }
+
+        let mut latency_1x1 = Vec::new();
+        for s in &scenarios {
+            eprintln!("{:<20} {:<7} …", "1 conn × 1 call", s.name);
+            let flags: Vec<String> = [
+                "--kind",
+                "unary",
+                "--payload-size",
+                "64",
+                "--connections",
+                "1",
+                "--concurrency",
+                "1",
+                "--duration",
+                &secs(a.duration / 2),
+                "--warmup",
+                &secs(a.warmup / 2),
+            ]
+            .map(String::from)
+            .into();
+            let (report, peaks) = self.bench(&mut services, s, &flags, budget / 2).await?;
+            latency_1x1.push(Run {
+                workload: "unary-64-1x1",
+                scenario: s.name,
+                report,
+                peak_rss_kib: peaks,
+            });
+        }
+
+        let open_streams = match scenarios.iter().find(|s| s.name == "chain") {
+            Some(chain) => {
+                eprintln!("{} open streams through the chain …", a.streams);
+                let per_conn = a.streams.div_ceil(4);
+                let hold = Duration::from_secs(3).min(budget);
+                let flags: Vec<String> = [
+                    "--kind",
+                    "server-stream",
+                    "--stream-count",
+                    "0",
+                    "--interval",
+                    "100ms",
+                    "--payload-size",
+                    "64",
+                    "--connections",
+                    "4",
+                    "--concurrency",
+                    &per_conn.to_string(),
+                    "--duration",
+                    &secs(hold),
+                    "--warmup",
+                    "1s",
+                ]
+                .map(String::from)
+                .into();
+                let (report, peaks) = self.bench(&mut services, chain, &flags, hold).await?;
+                for (name, kib) in &peaks {
+                    if let Some(f) = facts.get_mut(name) {
+                        f.rss_open_streams_kib = Some(*kib);
+                    }
+                }
+                Some(Run {
+                    workload: "open-streams",
+                    scenario: "chain",
+                    report,
+                    peak_rss_kib: peaks,
+                })
+            }
+            None => None,
+        };
+
+        // The CLI's other modes, so they cannot rot; their figures are not part of the table.
+        let mut smoke_checks = Vec::new();
+        if a.smoke {
+            let direct = &scenarios[0];
+            for flags in [
+                "--kind bidi --stream-count 10 --connections 2 --concurrency 2",
+                "--kind unary --rate 500 --concurrency 50",
+            ] {
+                let mut flags: Vec<String> = flags.split(' ').map(String::from).collect();
+                flags.extend([
+                    "--duration".into(),
+                    secs(a.duration),
+                    "--warmup".into(),
+                    secs(a.warmup),
+                ]);
+                let (report, peaks) = self.bench(&mut services, direct, &flags, budget).await?;
+                smoke_checks.push(Run {
+                    workload: "smoke-check",
+                    scenario: direct.name,
+                    report,
+                    peak_rss_kib: peaks,
+                });
+            }
+        }
+
+        services.stop();
+        if a.smoke {
+            smoke_verdict(
+                runs.iter()
+                    .chain(&latency_1x1)
+                    .chain(&open_streams)
+                    .chain(&smoke_checks),
+            )?;
+        }
+        for run in runs.iter().chain(&latency_1x1) {
+            for (name, kib) in &run.peak_rss_kib {
+                if let Some(f) = facts.get_mut(name) {
+                    f.rss_load_peak_kib = f.rss_load_peak_kib.max(*kib);
+                }
+            }
+        }
+        machine.insert("loadavg_after", read_loadavg().into());
+
+        let mut settings = BTreeMap::new();
+        settings.insert("duration_s", a.duration.as_secs_f64().into());
+        settings.insert("warmup_s", a.warmup.as_secs_f64().into());
+        settings.insert("connections", a.connections.into());
+        settings.insert("concurrency", a.concurrency.into());
+        settings.insert("open_streams", a.streams.into());
+        settings.insert("smoke", a.smoke.into());
+        settings.insert(
+            "service_env",
+            a.service_env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        settings.insert(
+            "workloads",
+            serde_json::to_value(WORKLOADS).unwrap_or_default(),
+        );
+        let opened = open_streams
+            .as_ref()
+            .and_then(|r| r.report["peak_open_streams"].as_u64())
+            .unwrap_or(0);
+        settings.insert("open_streams_reached", opened.into());
+        let targets = report::targets(&runs, &latency_1x1, &facts, opened);
+        Ok(Results {
+            machine,
+            settings,
+            services: facts,
+            runs,
+            latency_1x1,
+            open_streams,
+            targets,
+            smoke_checks,
+        })
+    }
+}
+
+/// A smoke run passes when every run got answers and no errors.
+fn smoke_verdict<'a>(runs: impl Iterator<Item = &'a Run>) -> Result<(), String> {
+    for run in runs {
+        let r = &run.report;
+        let answered = r["calls"].as_u64().unwrap_or(0) + r["messages"].as_u64().unwrap_or(0);
+        let clean = r["errors"].as_object().is_none_or(|e| e.is_empty());
+        if answered == 0 || !clean {
+            return Err(format!(
+                "smoke: {} against {} got {answered} answers, errors {}",
+                run.workload, run.scenario, r["errors"]
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn started(took: Duration) -> ServiceFacts {
+    ServiceFacts {
+        start_to_serving_ms: took.as_secs_f64() * 1000.0,
+        ..ServiceFacts::default()
+    }
+}
+
+fn read_loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn machine_facts() -> BTreeMap<&'static str, Value> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let mut m = BTreeMap::new();
+    m.insert(
+        "cores",
+        std::thread::available_parallelism()
+            .map_or(0, usize::from)
+            .into(),
+    );
+    m.insert("cpu", cpu.into());
+    m.insert(
+        "kernel",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+    );
+    m.insert("loadavg_before", read_loadavg().into());
+    m
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.duration = Duration::from_millis(500);
+        args.warmup = Duration::from_millis(200);
+        args.connections = 2;
+        args.concurrency = 4;
+        args.streams = args.streams.min(100);
+    }
+    let root = workspace_root();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("target/bench"));
+    let harness = Harness {
+        bin_dir: args
+            .bin_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/release")),
+        logs: out.join("logs"),
+        out,
+        args,
+    };
+    // Dropping the run on Ctrl-C drops its processes, which stops them.
+    let result = tokio::select! {
+        r = harness.run() => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+    };
+    let results = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runmesh-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!(
+        "{}",
+        report::table(&results.runs, &results.latency_1x1, &results.services)
+    );
+    print!("{}", report::targets_text(&results.targets));
+    let json = harness.out.join("results.json");
+    let svg = harness.out.join("latency.svg");
+    let written = serde_json::to_string_pretty(&results)
+        .map_err(|e| e.to_string())
+        .and_then(|s| std::fs::write(&json, s).map_err(|e| format!("{}: {e}", json.display())))
+        .and_then(|()| report::chart(&svg, &results.runs, &results.latency_1x1));
+    if let Err(e) = written {
+        eprintln!("runmesh-bench: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!("wrote {} and {}", json.display(), svg.display());
+    ExitCode::SUCCESS
+}

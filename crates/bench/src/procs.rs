@@ -1,0 +1,267 @@
+//! The processes the benchmark runs: started with their output in log files, watched for
+//! memory, and always stopped by PID — on success, on error and on Ctrl-C alike (drop).
+
+use std::{
+    fs::File,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub(crate) fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// A process this run started; killed when dropped.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    /// What it is, for messages and results.
+    pub(crate) name: String,
+    child: Child,
+    /// Where its stdout and stderr go.
+    pub(crate) log: PathBuf,
+    /// When it was spawned.
+    pub(crate) started: Instant,
+    /// Signal that asks it to stop (nginx stops cleanly on `QUIT`, services on `TERM`).
+    stop_signal: &'static str,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output in `logs/<name>.log`.
+    pub(crate) fn spawn(
+        name: &str,
+        mut cmd: Command,
+        logs: &Path,
+        stop_signal: &'static str,
+    ) -> Result<Self, String> {
+        let log = logs.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({cmd:?}): {e}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+            started,
+            stop_signal,
+        })
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process and its children, KiB.
+    pub(crate) fn rss_kib(&self) -> u64 {
+        tree_rss_kib(self.pid())
+    }
+
+    /// Fails with the end of its log if it has exited.
+    pub(crate) fn check_running(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!(
+                "{} exited ({status}); its log {} ends:\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            )),
+            Err(e) => Err(format!("{}: {e}", self.name)),
+        }
+    }
+
+    /// The last lines of its log.
+    pub(crate) fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub(crate) async fn wait_for_line(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let give_up = Instant::now() + timeout;
+        while Instant::now() < give_up {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            self.check_running()?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!(
+            "{} printed no {needle:?} within {timeout:?}; log:\n{}",
+            self.name,
+            self.log_tail()
+        ))
+    }
+
+    /// Waits until its gRPC health on `127.0.0.1:port` says `SERVING`; returns the time from
+    /// spawning it. Polls every millisecond, so the figure is within about a millisecond.
+    pub(crate) async fn wait_serving(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
+        let give_up = self.started + timeout;
+        while Instant::now() < give_up {
+            if serving(port).await {
+                return Ok(self.started.elapsed());
+            }
+            self.check_running()?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Err(format!(
+            "{} not SERVING within {timeout:?}; log:\n{}",
+            self.name,
+            self.log_tail()
+        ))
+    }
+
+    /// Asks it to stop, then kills it (and its children) by PID if it has not within `grace`.
+    pub(crate) fn stop(&mut self, grace: Duration) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let family = family(self.pid());
+        signal(self.stop_signal, self.pid());
+        let give_up = Instant::now() + grace;
+        while Instant::now() < give_up {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // nginx workers outlive a killed master; they are ours too.
+        for pid in family.into_iter().skip(1) {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                signal("KILL", pid);
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+fn signal(name: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `pid` and its children (nginx's workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    pids.extend(children(pid));
+    pids
+}
+
+/// Resident memory of `pid` and its children, KiB (`VmRSS` in `/proc/PID/status`).
+pub(crate) fn tree_rss_kib(pid: u32) -> u64 {
+    family(pid).into_iter().map(rss_kib).sum()
+}
+
+/// Direct children of `pid`, from `/proc/PID/task/*/children`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// `VmRSS` of `pid` in KiB; 0 when it is gone.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| parse_vm_rss(&s))
+        .unwrap_or(0)
+}
+
+/// The `VmRSS:` line of a `/proc/PID/status` text, in KiB.
+pub(crate) fn parse_vm_rss(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Whether a gRPC health check of the whole server on `127.0.0.1:port` answers `SERVING`.
+async fn serving(port: u16) -> bool {
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let res = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(res.into_inner().status() == ServingStatus::Serving)
+    };
+    tokio::time::timeout(Duration::from_millis(500), check)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_from_proc_status() {
+        let status = "Name:\tping\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss(status), Some(12345));
+        assert_eq!(parse_vm_rss("Name:\tping\n"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_resident_size() {
+        assert!(rss_kib(std::process::id()) > 0);
+    }
+}

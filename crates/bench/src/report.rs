@@ -1,0 +1,450 @@
+//! What a person reads after `just bench`: the table, the issue's targets met or not, and an SVG
+//! chart of latency by percentile for every scenario.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{Run, ServiceFacts, WORKLOADS, Workload};
+
+/// One of the issue's targets and whether this run met it (`None`: not measured here).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Target {
+    pub(crate) name: String,
+    pub(crate) measured: String,
+    pub(crate) limit: String,
+    pub(crate) met: Option<bool>,
+}
+
+fn workload(key: &str) -> Option<&'static Workload> {
+    WORKLOADS.iter().find(|w| w.key == key)
+}
+
+/// Calls/s, or messages/s for a streaming workload.
+fn throughput(run: &Run) -> f64 {
+    let field = if workload(run.workload).is_some_and(|w| w.streaming) {
+        "messages_per_s"
+    } else {
+        "calls_per_s"
+    };
+    run.report[field].as_f64().unwrap_or(0.0)
+}
+
+fn latency(run: &Run, p: &str) -> f64 {
+    run.report["latency_us"][p].as_f64().unwrap_or(0.0)
+}
+
+fn errors(run: &Run) -> String {
+    match run.report["errors"].as_object() {
+        Some(e) if !e.is_empty() => e
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => "-".to_string(),
+    }
+}
+
+fn find<'a>(runs: &'a [Run], workload: &str, scenario: &str) -> Option<&'a Run> {
+    runs.iter()
+        .find(|r| r.workload == workload && r.scenario == scenario)
+}
+
+/// `scenario`'s throughput as a share of direct's in `workload`.
+fn share(runs: &[Run], workload: &str, scenario: &str) -> Option<f64> {
+    let direct = throughput(find(runs, workload, "direct")?);
+    let it = throughput(find(runs, workload, scenario)?);
+    (direct > 0.0).then(|| it / direct)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The table printed at the end of a run.
+pub(crate) fn table(
+    runs: &[Run],
+    latency_1x1: &[Run],
+    services: &BTreeMap<String, ServiceFacts>,
+) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\n{:<20} {:<8} {:>16} {:>10} {:>10} {:>10}  errors",
+        "workload", "scenario", "throughput", "vs direct", "p50 µs", "p99 µs"
+    );
+    for run in runs {
+        let w = workload(run.workload);
+        let unit = if w.is_some_and(|w| w.streaming) {
+            "msg/s"
+        } else {
+            "req/s"
+        };
+        let vs = share(runs, run.workload, run.scenario)
+            .map_or("-".to_string(), |s| format!("{:.1} %", s * 100.0));
+        let _ = writeln!(
+            t,
+            "{:<20} {:<8} {:>10.0} {unit} {vs:>10} {:>10.1} {:>10.1}  {}",
+            w.map_or(run.workload, |w| w.title),
+            run.scenario,
+            throughput(run),
+            latency(run, "p50"),
+            latency(run, "p99"),
+            errors(run)
+        );
+    }
+    let _ = writeln!(t, "\none connection, one call at a time (unary 64 B):");
+    let direct_p50 = latency_1x1
+        .iter()
+        .find(|r| r.scenario == "direct")
+        .map(|r| latency(r, "p50"));
+    let _ = writeln!(
+        t,
+        "{:<8} {:>10} {:>10} {:>10} {:>14}",
+        "scenario", "req/s", "p50 µs", "p99 µs", "p50 added µs"
+    );
+    for run in latency_1x1 {
+        let added = direct_p50.map_or("-".to_string(), |d| {
+            format!("{:+.1}", latency(run, "p50") - d)
+        });
+        let _ = writeln!(
+            t,
+            "{:<8} {:>10.0} {:>10.1} {:>10.1} {added:>14}",
+            run.scenario,
+            throughput(run),
+            latency(run, "p50"),
+            latency(run, "p99"),
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\n{:<8} {:>14} {:>14} {:>14} {:>18}",
+        "service", "start→SERVING", "RSS idle", "RSS load peak", "RSS open streams"
+    );
+    for (name, f) in services {
+        let _ = writeln!(
+            t,
+            "{name:<8} {:>11.1} ms {:>10.1} MiB {:>10.1} MiB {:>14}",
+            f.start_to_serving_ms,
+            mib(f.rss_idle_kib),
+            mib(f.rss_load_peak_kib),
+            f.rss_open_streams_kib
+                .map_or("-".to_string(), |k| format!("{:.1} MiB", mib(k)))
+        );
+    }
+    t
+}
+
+/// The issue's targets, judged on this run's figures.
+pub(crate) fn targets(
+    runs: &[Run],
+    latency_1x1: &[Run],
+    services: &BTreeMap<String, ServiceFacts>,
+    streams: u64,
+) -> Vec<Target> {
+    let pct = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.1} %", x * 100.0));
+    let mut out = Vec::new();
+    for w in ["unary-64", "unary-4k"] {
+        let title = workload(w).map_or(w, |w| w.title);
+        let relay = share(runs, w, "relay");
+        let nginx = share(runs, w, "nginx");
+        out.push(Target {
+            name: format!("relay keeps ≥ 45 % of direct throughput ({title})"),
+            measured: pct(relay),
+            limit: "45 %".into(),
+            met: relay.map(|r| r >= 0.45),
+        });
+        out.push(Target {
+            name: format!("relay's share ≥ 1.5 × nginx's ({title})"),
+            measured: match (relay, nginx) {
+                (Some(r), Some(n)) if n > 0.0 => format!("{:.2} ×", r / n),
+                _ => "-".into(),
+            },
+            limit: "1.5 ×".into(),
+            met: relay.zip(nginx).map(|(r, n)| r >= 1.5 * n),
+        });
+        let p99 = |s| find(runs, w, s).map(|r| latency(r, "p99"));
+        out.push(Target {
+            name: format!("relay p99 below nginx p99 ({title})"),
+            measured: match (p99("relay"), p99("nginx")) {
+                (Some(r), Some(n)) => format!("{r:.0} µs vs {n:.0} µs"),
+                _ => "-".into(),
+            },
+            limit: "lower".into(),
+            met: p99("relay").zip(p99("nginx")).map(|(r, n)| r < n),
+        });
+        let chain = share(runs, w, "chain");
+        out.push(Target {
+            name: format!("full chain keeps ≥ 33 % of direct ({title})"),
+            measured: pct(chain),
+            limit: "33 %".into(),
+            met: chain.map(|c| c >= 0.33),
+        });
+    }
+    let chain = share(runs, "stream-1k", "chain");
+    out.push(Target {
+        name: "full chain keeps ≥ 50 % of direct msg/s (server stream 1 KiB)".into(),
+        measured: pct(chain),
+        limit: "50 %".into(),
+        met: chain.map(|c| c >= 0.5),
+    });
+    let p50 = |s| {
+        latency_1x1
+            .iter()
+            .find(|r| r.scenario == s)
+            .map(|r| latency(r, "p50"))
+    };
+    let added = p50("relay").zip(p50("direct")).map(|(r, d)| r - d);
+    out.push(Target {
+        name: "relay adds ≤ 150 µs to p50 (1 connection, 1 call)".into(),
+        measured: added.map_or("-".into(), |a| format!("{a:.1} µs")),
+        limit: "150 µs".into(),
+        met: added.map(|a| a <= 150.0),
+    });
+    for (name, f) in services.iter().filter(|(n, _)| n.as_str() != "nginx") {
+        out.push(Target {
+            name: format!("{name}: RSS idle ≤ 20 MiB"),
+            measured: format!("{:.1} MiB", mib(f.rss_idle_kib)),
+            limit: "20 MiB".into(),
+            met: Some(f.rss_idle_kib <= 20 * 1024),
+        });
+        out.push(Target {
+            name: format!("{name}: RSS with {streams} open streams ≤ 64 MiB"),
+            measured: f
+                .rss_open_streams_kib
+                .map_or("-".into(), |k| format!("{:.1} MiB", mib(k))),
+            limit: "64 MiB".into(),
+            met: f.rss_open_streams_kib.map(|k| k <= 64 * 1024),
+        });
+        out.push(Target {
+            name: format!("{name}: start to SERVING ≤ 100 ms"),
+            measured: format!("{:.1} ms", f.start_to_serving_ms),
+            limit: "100 ms".into(),
+            met: Some(f.start_to_serving_ms <= 100.0),
+        });
+    }
+    out
+}
+
+/// The targets as lines of text.
+pub(crate) fn targets_text(targets: &[Target]) -> String {
+    let mut t = String::from("\ntargets (issue 8):\n");
+    for target in targets {
+        let verdict = match target.met {
+            Some(true) => "met",
+            Some(false) => "NOT MET",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            t,
+            "  {:<13} {:<62} {} (limit {})",
+            verdict, target.name, target.measured, target.limit
+        );
+    }
+    t
+}
+
+/// Where a percentile sits on the chart's x axis: its "nines" (90 → 1, 99 → 2, 99.9 → 3);
+/// the maximum sits half a nine beyond 99.99.
+fn nines(percentile: f64) -> f64 {
+    if percentile >= 100.0 {
+        4.5
+    } else {
+        -(1.0 - percentile / 100.0).log10()
+    }
+}
+
+/// Labels whole nines (0 %, 90 %, 99 %, …) and the maximum; other ticks stay unlabelled.
+fn nines_label(x: f64) -> String {
+    if x >= 4.5 {
+        "max".to_string()
+    } else if (x - x.round()).abs() > 1e-6 {
+        String::new()
+    } else {
+        let p = 100.0 * (1.0 - 10f64.powf(-x));
+        format!("{}%", (p * 100.0).round() / 100.0)
+    }
+}
+
+const COLOURS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
+
+fn colour(scenario: &str) -> RGBColor {
+    match scenario {
+        "direct" => COLOURS[0],
+        "relay" => COLOURS[1],
+        "nginx" => COLOURS[2],
+        _ => COLOURS[3],
+    }
+}
+
+fn spectrum(run: &Run) -> Vec<(f64, f64)> {
+    run.report["spectrum_us"]
+        .as_array()
+        .map(|points| {
+            points
+                .iter()
+                .filter_map(|p| Some((nines(p[0].as_f64()?), p[1].as_f64()?.max(1.0))))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Draws latency by percentile, one panel per workload, one line per scenario, to `path`.
+pub(crate) fn chart(path: &Path, runs: &[Run], latency_1x1: &[Run]) -> Result<(), String> {
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (1400, 1000)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(
+            "runmesh bench: latency by percentile (log scale), per scenario",
+            ("sans-serif", 24),
+        )?;
+        let mut panels: Vec<(String, Vec<&Run>)> = WORKLOADS
+            .iter()
+            .map(|w| {
+                (
+                    w.title.to_string(),
+                    runs.iter().filter(|r| r.workload == w.key).collect(),
+                )
+            })
+            .collect();
+        panels.push((
+            "unary 64 B, 1 connection × 1 call".to_string(),
+            latency_1x1.iter().collect(),
+        ));
+        for (area, (title, panel)) in root.split_evenly((2, 2)).iter().zip(panels) {
+            let lines: Vec<(&str, Vec<(f64, f64)>)> =
+                panel.iter().map(|r| (r.scenario, spectrum(r))).collect();
+            let ys = lines.iter().flat_map(|(_, l)| l.iter().map(|p| p.1));
+            let (lo, hi) = ys.fold((f64::MAX, 1.0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
+            let lo = if lo == f64::MAX { 1.0 } else { lo };
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(64)
+                .build_cartesian_2d(0.0f64..4.5f64, ((lo * 0.8)..(hi * 1.25)).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_labels(10)
+                .y_labels(8)
+                .light_line_style(TRANSPARENT)
+                .x_label_formatter(&|x| nines_label(*x))
+                .x_desc("percentile")
+                .y_desc("latency µs")
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .draw()?;
+            for (scenario, points) in lines {
+                let c = colour(scenario);
+                chart
+                    .draw_series(LineSeries::new(points, c.stroke_width(2)))?
+                    .label(scenario)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
+        Run {
+            workload,
+            scenario,
+            report: serde_json::json!({
+                "calls_per_s": per_s,
+                "messages_per_s": per_s * 100.0,
+                "latency_us": {"p50": p99 / 2.0, "p99": p99},
+                "spectrum_us": [[0.0, 10.0], [50.0, 20.0], [99.9, 90.0], [100.0, 100.0]],
+                "errors": {},
+            }),
+            peak_rss_kib: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn shares_are_of_direct_in_the_same_workload() {
+        let runs = [
+            run("unary-64", "direct", 1000.0, 100.0),
+            run("unary-64", "relay", 500.0, 200.0),
+            run("unary-64", "nginx", 250.0, 400.0),
+            run("unary-4k", "direct", 10.0, 1.0),
+        ];
+        assert_eq!(share(&runs, "unary-64", "relay"), Some(0.5));
+        assert_eq!(share(&runs, "unary-64", "nginx"), Some(0.25));
+        assert_eq!(share(&runs, "unary-4k", "relay"), None);
+        let targets = targets(&runs, &[], &BTreeMap::new(), 1000);
+        let met = |name: &str| {
+            targets
+                .iter()
+                .find(|t| t.name.starts_with(name))
+                .unwrap()
+                .met
+        };
+        assert_eq!(
+            met("relay keeps ≥ 45 % of direct throughput (unary 64 B)"),
+            Some(true)
+        );
+        assert_eq!(
+            met("relay's share ≥ 1.5 × nginx's (unary 64 B)"),
+            Some(true)
+        );
+        assert_eq!(met("relay p99 below nginx p99 (unary 64 B)"), Some(true));
+        assert_eq!(met("full chain keeps ≥ 33 % of direct (unary 64 B)"), None);
+        assert_eq!(
+            met("relay keeps ≥ 45 % of direct throughput (unary 4 KiB)"),
+            None
+        );
+    }
+
+    #[test]
+    fn streaming_throughput_is_messages() {
+        let r = run("stream-1k", "direct", 10.0, 1.0);
+        assert_eq!(throughput(&r), 1000.0);
+        assert_eq!(throughput(&run("unary-64", "direct", 10.0, 1.0)), 10.0);
+    }
+
+    #[test]
+    fn percentiles_sit_on_a_nines_axis() {
+        assert!((nines(90.0) - 1.0).abs() < 1e-9);
+        assert!((nines(99.9) - 3.0).abs() < 1e-9);
+        assert_eq!(nines(100.0), 4.5);
+        assert_eq!(nines_label(2.0), "99%");
+        assert_eq!(nines_label(4.5), "max");
+        assert_eq!(nines_label(1.5), "");
+    }
+
+    #[test]
+    fn chart_is_written_as_svg() {
+        let dir = std::env::temp_dir().join(format!("runmesh-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("latency.svg");
+        let runs = [
+            run("unary-64", "direct", 1000.0, 100.0),
+            run("unary-64", "relay", 500.0, 200.0),
+        ];
+        chart(&path, &runs, &runs[..1]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("relay"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
