@@ -6,6 +6,7 @@
 //! - [`serve()`]: h2c on an already-bound listener, health, reflection, auth, graceful drain.
 //! - [`observe`]: a span, an access-log line and RPC metrics per call, server and client side.
 //! - [`limit`]: a bound on calls in flight, refused with `RESOURCE_EXHAUSTED` beyond it.
+//! - [`grpc_only`]: HTTP 415 for anything that is not `application/grpc`.
 //! - [`deadline`]: the caller's `grpc-timeout`, enforced on streams too (tonic only bounds the
 //!   response headers).
 //! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`.
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod deadline;
+pub mod grpc_only;
 pub mod limit;
 pub mod observe;
 pub mod process;

@@ -149,6 +149,8 @@ pub async fn serve(
         .max_concurrent_streams(config.max_concurrent_streams)
         // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
         .layer(SizeLimitStatusLayer)
+        // tonic would read any body as gRPC; other content types get 415, as the spec asks.
+        .layer(crate::grpc_only::GrpcOnlyLayer)
         // Outside auth, so refused calls are traced and logged with their status too.
         .layer(crate::observe::RpcTraceLayer)
         // Beyond the limit a call is refused before it costs a token check or an upstream call.
