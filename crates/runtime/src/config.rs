@@ -51,11 +51,7 @@ impl ServerConfig {
         let grace = duration_or(env, "SHUTDOWN_GRACE", Duration::from_secs(10))?;
         let max_message_size = parse_or(env, "MAX_MESSAGE_SIZE", Self::DEFAULT_MAX_MESSAGE_SIZE)?;
         if max_message_size == 0 {
-            return Err(ConfigError::invalid(
-                "MAX_MESSAGE_SIZE",
-                "0",
-                "must be at least 1 byte",
-            ));
+            return Err(zero(env, "MAX_MESSAGE_SIZE"));
         }
         let log_format = choice(
             env,
@@ -65,11 +61,7 @@ impl ServerConfig {
         )?;
         let max_in_flight = parse_or(env, "MAX_IN_FLIGHT", Self::DEFAULT_MAX_IN_FLIGHT)?;
         if max_in_flight == 0 {
-            return Err(ConfigError::invalid(
-                "MAX_IN_FLIGHT",
-                "0",
-                "must be at least 1",
-            ));
+            return Err(zero(env, "MAX_IN_FLIGHT"));
         }
         let max_concurrent_streams = parse_or(
             env,
@@ -77,11 +69,7 @@ impl ServerConfig {
             Self::DEFAULT_MAX_CONCURRENT_STREAMS,
         )?;
         if max_concurrent_streams == 0 {
-            return Err(ConfigError::invalid(
-                "MAX_CONCURRENT_STREAMS",
-                "0",
-                "must be at least 1",
-            ));
+            return Err(zero(env, "MAX_CONCURRENT_STREAMS"));
         }
         Ok(Self {
             max_in_flight,
@@ -93,6 +81,11 @@ impl ServerConfig {
             log_format,
         })
     }
+}
+
+/// A limit set to zero, quoting the value as it was written.
+fn zero(env: &impl Env, var: &'static str) -> ConfigError {
+    ConfigError::invalid(var, env.get(var).unwrap_or_default(), "must be at least 1")
 }
 
 #[cfg(test)]
@@ -128,7 +121,11 @@ mod tests {
     fn bad_grace_size_and_format_are_refused() {
         assert!(ServerConfig::from_env(&[("SHUTDOWN_GRACE", "ten")]).is_err());
         assert!(ServerConfig::from_env(&[("MAX_MESSAGE_SIZE", "0")]).is_err());
-        assert!(ServerConfig::from_env(&[("MAX_IN_FLIGHT", "0")]).is_err());
+        let err = ServerConfig::from_env(&[("MAX_IN_FLIGHT", " 000")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "MAX_IN_FLIGHT=\" 000\" is invalid: must be at least 1"
+        );
         assert!(ServerConfig::from_env(&[("MAX_CONCURRENT_STREAMS", "-3")]).is_err());
         let err = ServerConfig::from_env(&[("LOG_FORMAT", "xml")]).unwrap_err();
         assert!(err.to_string().contains("json, text"), "{err}");
