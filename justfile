@@ -44,3 +44,28 @@ bench *ARGS:
 bench-smoke:
     cargo build -p runmesh-cli -p runmesh-ping -p runmesh-relay -p runmesh-gateway -p runmesh-bench
     target/debug/runmesh-bench --smoke --bin-dir target/debug
+
+# Fuzz the bearer-token/JWT path, then config parsing, SECS seconds each (nightly toolchain and
+# `cargo install cargo-fuzz --locked`). Crashes land in fuzz/artifacts/<target>/.
+fuzz SECS="600":
+    cargo +nightly fuzz run bearer_jwt -- -max_total_time={{SECS}} -dict={{justfile_directory()}}/fuzz/dict/bearer_jwt.dict
+    cargo +nightly fuzz run config -- -max_total_time={{SECS}} -dict={{justfile_directory()}}/fuzz/dict/config.dict
+
+# Both fuzz targets for 20 s each: they build and find nothing quickly (CI).
+fuzz-smoke: (fuzz "20")
+
+# The mesh in Docker (docker-compose.yml), healthy, on http://localhost:8080; needs no registry.
+up:
+    bash deploy/compose/up.sh
+
+# Stop and remove the Docker mesh: containers, network, volumes.
+down:
+    bash deploy/compose/compose.sh down -v --remove-orphans
+
+# Put the images' runtime base on this Docker engine: pulled, or built from Debian packages.
+base-image:
+    bash deploy/docker/base-image.sh
+
+# The Docker mesh end to end: images, up, four calls from the host, refusals, teardown (CI).
+compose-e2e:
+    bash deploy/compose/e2e.sh
