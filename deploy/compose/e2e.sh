@@ -63,7 +63,21 @@ bash deploy/compose/up.sh
 for image in "${images[@]}"; do
 	bytes=$(docker image inspect --format '{{.Size}}' "$image")
 	((bytes < 40000000)) || fail "$image is $bytes bytes, over the 40 MB budget"
+	runs_as=$(docker image inspect --format '{{.Config.User}}' "$image")
+	[[ $runs_as =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "$image runs as '$runs_as', not a numeric non-root user"
 done
+
+# Not only what the images declare: the processes the engine runs, by their uid on the host.
+say "every service process runs as a non-root user"
+for service in idp ping relay gateway; do
+	uids=$(docker top "$(dc ps -q "$service")" -o uid | tail -n +2 | sort -u | tr '\n' ' ')
+	[[ -n $uids && ! $uids =~ (^|\ )0\  ]] || fail "$service runs processes as uid(s) '$uids'"
+	printf '    %-8s uid %s\n' "$service" "$uids"
+done
+
+# The observability profile is not started here (its images are pulled), but compose must
+# accept it as written.
+dc --profile observability config -q || fail "the observability profile is not valid compose"
 
 # The identity server is not published: the CLI inside the network fetches the user's tokens.
 token() { dc run --rm -T cli token --audience "$1" --email "$user" | tr -d '\r'; }
