@@ -67,12 +67,15 @@ for image in "${images[@]}"; do
 	[[ $runs_as =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "$image runs as '$runs_as', not a numeric non-root user"
 done
 
-# Not only what the images declare: the processes the engine runs, by their uid on the host.
+# Not only what the images declare: each main process's real, effective, saved and filesystem
+# uids, as the host's kernel sees them.
 say "every service process runs as a non-root user"
 for service in idp ping relay gateway; do
-	uids=$(docker top "$(dc ps -q "$service")" -o uid | tail -n +2 | sort -u | tr '\n' ' ')
-	[[ -n $uids && ! $uids =~ (^|\ )0\  ]] || fail "$service runs processes as uid(s) '$uids'"
-	printf '    %-8s uid %s\n' "$service" "$uids"
+	pid=$(docker inspect --format '{{.State.Pid}}' "$(dc ps -q "$service")")
+	uids=$(awk '/^Uid:/ { print $2, $3, $4, $5 }' "/proc/$pid/status")
+	[[ $uids =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*$ ]] ||
+		fail "$service (pid $pid) runs with uids '$uids'"
+	printf '    %-8s uids %s\n' "$service" "$uids"
 done
 
 # The observability profile is not started here (its images are pulled), but compose must

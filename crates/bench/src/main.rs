@@ -6,13 +6,16 @@
 //! at nginx) and chain (client → gateway → relay → ping); every runmesh service verifies its
 //! caller's token. Workloads: unary with 64 B and 4 KiB payloads, server streaming with 1 KiB
 //! messages; then one connection with one call at a time for the latency a hop adds, and
-//! `--streams` open streams through the chain for memory.
+//! `--streams` open streams through the chain for memory. The unary workloads run a second time
+//! with nghttp2's h2load as the client, the tool of the reference figures.
 //!
 //! # Layout
 //! - `procs`: the processes, their memory, and stopping them by PID whatever happens;
 //! - `nginx`: installing, configuring and starting the reference hop;
+//! - `h2load`: the second client, and proof that its answers were pongs;
 //! - `report`: the table, the targets, `results.json` and the SVG latency chart.
 
+mod h2load;
 mod nginx;
 mod procs;
 mod report;
@@ -73,6 +76,9 @@ struct Args {
     /// Leave out the nginx scenario.
     #[arg(long)]
     no_nginx: bool,
+    /// Leave out the runs with h2load as the client.
+    #[arg(long)]
+    no_h2load: bool,
     /// Extra `KEY=VALUE` environment for ping, relay and gateway (not nginx, not the client),
     /// e.g. `LD_PRELOAD=…` to try an allocator or `MAX_CONCURRENT_STREAMS=2000`; repeatable.
     #[arg(long = "service-env", value_parser = parse_env)]
@@ -158,6 +164,8 @@ struct Results {
     settings: BTreeMap<&'static str, Value>,
     services: BTreeMap<String, ServiceFacts>,
     runs: Vec<Run>,
+    /// The unary workloads again, h2load as the client.
+    h2load_runs: Vec<Run>,
     latency_1x1: Vec<Run>,
     open_streams: Option<Run>,
     targets: Vec<report::Target>,
@@ -449,6 +457,46 @@ impl Harness {
         Ok((report, peaks))
     }
 
+    /// The unary workloads against every scenario with h2load as the client, at the same
+    /// connections and calls in flight; reported in `runmesh bench`'s JSON shape.
+    async fn h2load_runs(
+        &self,
+        h2load_bin: &Path,
+        services: &mut Services,
+        scenarios: &[Scenario],
+    ) -> Result<Vec<Run>, String> {
+        let a = &self.args;
+        let mut runs = Vec::new();
+        for w in WORKLOADS.iter().filter(|w| !w.streaming) {
+            for s in scenarios {
+                eprintln!("{:<20} {:<7} … (h2load)", w.title, s.name);
+                let load = h2load::Load {
+                    connections: a.connections,
+                    concurrency: a.concurrency,
+                    duration: a.duration,
+                    warmup: a.warmup,
+                    payload: w.payload,
+                };
+                let r = h2load::run(h2load_bin, &self.out, &s.target, &s.token, load).await?;
+                services.check_running()?;
+                runs.push(Run {
+                    workload: w.key,
+                    scenario: s.name,
+                    report: serde_json::json!({
+                        "client": "h2load",
+                        "calls": r.done,
+                        "calls_per_s": r.calls_per_s,
+                        "latency_us": { "mean": r.latency_mean_us, "max": r.latency_max_us },
+                        "errors": {},
+                        "data_bytes": r.data_bytes,
+                    }),
+                    peak_rss_kib: BTreeMap::new(),
+                });
+            }
+        }
+        Ok(runs)
+    }
+
     async fn run(&self) -> Result<Results, String> {
         let a = &self.args;
         std::fs::create_dir_all(&self.logs).map_err(|e| format!("{}: {e}", self.logs.display()))?;
@@ -462,6 +510,13 @@ impl Harness {
                     None
                 }
             }
+        };
+        let h2load_bin = if a.no_h2load {
+            None
+        } else {
+            h2load::ensure_installed()
+                .map_err(|e| eprintln!("warning: {e}; leaving out the h2load runs"))
+                .ok()
         };
         let mut machine = machine_facts();
         if let Some(n) = &nginx_bin {
@@ -525,6 +580,11 @@ impl Harness {
                 });
             }
         }
+
+        let h2load_runs = match &h2load_bin {
+            Some(bin) => self.h2load_runs(bin, &mut services, &scenarios).await?,
+            None => Vec::new(),
+        };
 
         let mut latency_1x1 = Vec::new();
         for s in &scenarios {
@@ -624,6 +684,7 @@ impl Harness {
         if a.smoke {
             smoke_verdict(
                 runs.iter()
+                    .chain(&h2load_runs)
                     .chain(&latency_1x1)
                     .chain(&open_streams)
                     .chain(&smoke_checks),
@@ -662,12 +723,13 @@ impl Harness {
             .and_then(|r| r.report["peak_open_streams"].as_u64())
             .unwrap_or(0);
         settings.insert("open_streams_reached", opened.into());
-        let targets = report::targets(&runs, &latency_1x1, &facts, opened);
+        let targets = report::targets(&runs, &h2load_runs, &latency_1x1, &facts, opened);
         Ok(Results {
             machine,
             settings,
             services: facts,
             runs,
+            h2load_runs,
             latency_1x1,
             open_streams,
             targets,
@@ -772,6 +834,7 @@ async fn main() -> ExitCode {
         "{}",
         report::table(&results.runs, &results.latency_1x1, &results.services)
     );
+    print!("{}", report::h2load_table(&results.h2load_runs));
     print!("{}", report::targets_text(&results.targets));
     let json = harness.out.join("results.json");
     let svg = harness.out.join("latency.svg");

@@ -3,10 +3,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
-use crate::procs::Proc;
+use crate::procs::{self, Proc};
 
 /// The configuration template, with double-braced fields.
 const TEMPLATE: &str = include_str!("../../../bench/nginx.conf.template");
@@ -14,27 +14,7 @@ const TEMPLATE: &str = include_str!("../../../bench/nginx.conf.template");
 /// The nginx binary, installing Debian's package if there is none; `Err` says why there is
 /// still none.
 pub(crate) fn ensure_installed() -> Result<PathBuf, String> {
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    eprintln!("nginx is missing: installing Debian's package with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "nginx"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        // A fresh machine has no package lists yet.
-        let _ = Command::new("apt-get")
-            .args(["update", "-qq"])
-            .stdout(Stdio::null())
-            .status();
-        install();
-    }
-    find().ok_or_else(|| "nginx could not be installed with apt-get".to_string())
+    procs::ensure_package("nginx", find)
 }
 
 fn find() -> Option<PathBuf> {

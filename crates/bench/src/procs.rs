@@ -13,6 +13,35 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// The binary `find` locates, installing Debian's `package` with apt-get first if there is
+/// none; `Err` says why there is still none.
+pub(crate) fn ensure_package(
+    package: &str,
+    find: impl Fn() -> Option<PathBuf>,
+) -> Result<PathBuf, String> {
+    if let Some(path) = find() {
+        return Ok(path);
+    }
+    eprintln!("{package} is missing: installing Debian's package with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        // A fresh machine has no package lists yet.
+        let _ = Command::new("apt-get")
+            .args(["update", "-qq"])
+            .stdout(Stdio::null())
+            .status();
+        install();
+    }
+    find().ok_or_else(|| format!("{package} could not be installed with apt-get"))
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
