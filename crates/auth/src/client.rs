@@ -142,7 +142,8 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     message
 }
 
-/// Adds `authorization: Bearer <id token>` to every request, or nothing when off.
+/// Adds `x-serverless-authorization: Bearer <id token>` to every request (see [`bearer`] for why
+/// not `authorization`), or nothing when off.
 #[derive(Clone)]
 pub struct IdTokenLayer {
     source: Option<Arc<dyn TokenSource>>,
@@ -230,7 +231,7 @@ where
                 Ok(value) => {
                     request
                         .headers_mut()
-                        .insert(http::header::AUTHORIZATION, value);
+                        .insert(SERVERLESS_AUTHORIZATION, value);
                     inner.call(request).await
                 }
                 Err(err) => {
@@ -246,11 +247,17 @@ where
     }
 }
 
-/// The `authorization` value for `source`'s current token, marked sensitive.
+/// The header value for `source`'s current token.
+///
+/// It goes in `x-serverless-authorization`, which Cloud Run accepts as it accepts
+/// `authorization` and checks first (as [`crate::ServerAuthLayer`] does), and it is not marked
+/// sensitive: HTTP/2 stacks (h2, nghttp2) never enter `authorization` or a sensitive value into
+/// the HPACK table, so a hop's ~1 KB token was Huffman-coded by the sender and decoded by the
+/// receiver on every call, a fifth of a relay's instructions per call (callgrind). Indexed, it
+/// crosses a connection once and then as a table reference. HPACK only matches whole values, so
+/// recovering it through the table means guessing all of it, signature included (RFC 7541,
+/// section 7.1); never-indexing is for short, guessable values. `SECURITY.md` has the rest.
 async fn bearer(source: &dyn TokenSource) -> Result<HeaderValue, TokenError> {
     let token = source.token().await?;
-    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| TokenError::NotAHeaderValue)?;
-    value.set_sensitive(true);
-    Ok(value)
+    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| TokenError::NotAHeaderValue)
 }
