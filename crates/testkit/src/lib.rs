@@ -352,7 +352,12 @@ impl Mesh {
 
     /// Starts the chain with `extra` settings for every service (e.g. telemetry).
     pub async fn start_with(extra: &[(&str, String)]) -> Self {
-        let idp = Idp::start(&[GATEWAY_SA, RELAY_SA]).await;
+        Self::around(Idp::start(&[GATEWAY_SA, RELAY_SA]).await, extra).await
+    }
+
+    /// Starts ping, relay and gateway against `idp`, which must serve gateway's and relay's
+    /// identities, with `extra` settings for every service.
+    pub async fn around(idp: Idp, extra: &[(&str, String)]) -> Self {
         let ping = Self::start_ping_with(&idp, free_port(), extra).await;
         let relay_port = free_port();
         let relay_url = format!("http://127.0.0.1:{relay_port}");

@@ -287,39 +287,6 @@ fn with_header(header: &'static str, token: &str) -> Request<SendRequest> {
     request
 }
 
-/// Starts ping, relay and gateway against `idp`, as `Mesh::start_with` does, with `extra`.
-async fn start_mesh(idp: Idp, extra: &[(&str, String)]) -> Mesh {
-    let ping = Mesh::start_ping_with(&idp, free_port(), extra).await;
-    let relay_port = free_port();
-    let relay_url = format!("http://127.0.0.1:{relay_port}");
-    let mut env = vec![
-        ("AUTH_AUDIENCE", relay_url.clone()),
-        ("AUTH_JWKS_URL", idp.jwks.clone()),
-        ("AUTH_ALLOWED_CALLERS", GATEWAY_SA.to_string()),
-        ("UPSTREAM_URL", ping.url.clone()),
-        ("UPSTREAM_AUDIENCE", ping.url.clone()),
-        ("GCE_METADATA_HOST", idp.metadata_host(RELAY_SA)),
-    ];
-    env.extend_from_slice(extra);
-    let relay = Service::start_on("relay", relay_port, &env).await;
-    let gateway_port = free_port();
-    let mut env = vec![
-        ("AUTH_AUDIENCE", format!("http://127.0.0.1:{gateway_port}")),
-        ("AUTH_JWKS_URL", idp.jwks.clone()),
-        ("UPSTREAM_URL", relay.url.clone()),
-        ("UPSTREAM_AUDIENCE", relay.url.clone()),
-        ("GCE_METADATA_HOST", idp.metadata_host(GATEWAY_SA)),
-    ];
-    env.extend_from_slice(extra);
-    let gateway = Service::start_on("gateway", gateway_port, &env).await;
-    Mesh {
-        idp,
-        ping,
-        relay,
-        gateway,
-    }
-}
-
 /// Where `haystack` holds something shaped like a JWT: `eyJ` (base64url of `{"`) and at least
 /// 16 more base64url characters.
 fn jwt_like(haystack: &str) -> Option<&str> {
@@ -356,7 +323,7 @@ fn assert_no_secret(who: &str, lines: &[String], tokens: &[String]) {
 async fn no_token_reaches_any_log_even_on_error_paths() {
     let trace = [("RUST_LOG", "trace".to_string())];
     let (keyed, issuer) = KeyedIdp::new();
-    let mesh = start_mesh(keyed.start().await, &trace).await;
+    let mesh = Mesh::around(keyed.start().await, &trace).await;
     let gateway_aud = &mesh.gateway.url;
     let good = mesh.user_token().await;
     let mut tokens = vec![good.clone()];
