@@ -140,6 +140,16 @@ fn pct(x: Option<f64>) -> String {
     x.map_or("-".to_string(), |x| format!("{:.1} %", x * 100.0))
 }
 
+/// A target that a share of direct throughput be at least `limit`.
+fn share_at_least(name: String, share: Option<f64>, limit: f64) -> Target {
+    Target {
+        name,
+        measured: pct(share),
+        limit: pct(Some(limit)),
+        met: share.map(|s| s >= limit),
+    }
+}
+
 /// The throughput targets of one client's runs of workload `w`: relay's share of direct, on its
 /// own and against nginx's, and the chain's.
 fn shares(out: &mut Vec<Target>, runs: &[Run], w: &str, label: &str) {
@@ -148,12 +158,11 @@ fn shares(out: &mut Vec<Target>, runs: &[Run], w: &str, label: &str) {
     }
     let relay = share(runs, w, "relay");
     let nginx = share(runs, w, "nginx");
-    out.push(Target {
-        name: format!("relay keeps ≥ 45 % of direct throughput ({label})"),
-        measured: pct(relay),
-        limit: "45 %".into(),
-        met: relay.map(|r| r >= 0.45),
-    });
+    out.push(share_at_least(
+        format!("relay keeps ≥ 45 % of direct throughput ({label})"),
+        relay,
+        0.45,
+    ));
     out.push(Target {
         name: format!("relay's share ≥ 1.5 × nginx's ({label})"),
         measured: match (relay, nginx) {
@@ -163,13 +172,11 @@ fn shares(out: &mut Vec<Target>, runs: &[Run], w: &str, label: &str) {
         limit: "1.5 ×".into(),
         met: relay.zip(nginx).map(|(r, n)| r >= 1.5 * n),
     });
-    let chain = share(runs, w, "chain");
-    out.push(Target {
-        name: format!("full chain keeps ≥ 33 % of direct ({label})"),
-        measured: pct(chain),
-        limit: "33 %".into(),
-        met: chain.map(|c| c >= 0.33),
-    });
+    out.push(share_at_least(
+        format!("full chain keeps ≥ 33 % of direct ({label})"),
+        share(runs, w, "chain"),
+        0.33,
+    ));
 }
 
 /// The unary runs with h2load as the client: throughput, share of direct, mean and max latency.
@@ -222,13 +229,11 @@ pub(crate) fn targets(
             met: p99("relay").zip(p99("nginx")).map(|(r, n)| r < n),
         });
     }
-    let chain = share(runs, "stream-1k", "chain");
-    out.push(Target {
-        name: "full chain keeps ≥ 50 % of direct msg/s (server stream 1 KiB)".into(),
-        measured: pct(chain),
-        limit: "50 %".into(),
-        met: chain.map(|c| c >= 0.5),
-    });
+    out.push(share_at_least(
+        "full chain keeps ≥ 50 % of direct msg/s (server stream 1 KiB)".into(),
+        share(runs, "stream-1k", "chain"),
+        0.5,
+    ));
     let p50 = |s| {
         latency_1x1
             .iter()
