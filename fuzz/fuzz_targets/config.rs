@@ -34,6 +34,7 @@ const VARS: [&str; 21] = [
     "UPSTREAM_URL",
     "UPSTREAM_AUTH",
     "UPSTREAM_AUDIENCE",
+    "UPSTREAM_CONNECTIONS",
     "GCE_METADATA_HOST",
     "K_REVISION",
     "K_SERVICE",

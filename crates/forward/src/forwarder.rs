@@ -22,7 +22,10 @@ use tokio::{sync::oneshot, time::Instant};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use tracing::Instrument;
 
-use crate::{Config, ForwardError, upstream::UpstreamChannel};
+use crate::{
+    Config, ForwardError,
+    upstream::{Upstream, UpstreamChannel},
+};
 
 /// Metadata passed on upstream as it came. Never `authorization`; `traceparent`/`tracestate`
 /// are written afresh for this hop's client span, so the trace links hop by hop.
@@ -40,17 +43,14 @@ pub struct Forwarder {
     identity: runmesh_runtime::Identity,
     url: String,
     upstream_url: url::Url,
-    client: PingServiceClient<UpstreamChannel>,
+    upstream: Upstream,
+    max_message_size: usize,
     drain: Drain,
 }
 
 impl Forwarder {
-    /// A forwarder for `config`'s hop over the shared `channel`.
-    pub fn new(config: &Config, channel: UpstreamChannel, drain: Drain) -> Self {
-        let max = config.server.max_message_size;
-        let client = PingServiceClient::new(channel)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    /// A forwarder for `config`'s hop over the shared `upstream` connections.
+    pub fn new(config: &Config, upstream: Upstream, drain: Drain) -> Self {
         Self {
             hop: config.role.name(),
             identity: config.identity.clone(),
@@ -60,9 +60,17 @@ impl Forwarder {
                 .trim_end_matches('/')
                 .to_string(),
             upstream_url: config.upstream_url.clone(),
-            client,
+            upstream,
+            max_message_size: config.server.max_message_size,
             drain,
         }
+    }
+
+    /// A client on the next upstream connection.
+    fn client(&self) -> PingServiceClient<UpstreamChannel> {
+        PingServiceClient::new(self.upstream.pick())
+            .max_decoding_message_size(self.max_message_size)
+            .max_encoding_message_size(self.max_message_size)
     }
 
     fn my_hop<T>(&self, request: &Request<T>) -> Hop {
@@ -281,7 +289,7 @@ impl PingService for Forwarder {
         let (metadata, _, message) = request.into_parts();
         let (mut res, mut span) = self
             .call_retrying(&metadata, deadline, "Send", message, |req| {
-                let mut client = self.client.clone();
+                let mut client = self.client();
                 async move { client.send(req).await }
             })
             .await?;
@@ -303,7 +311,7 @@ impl PingService for Forwarder {
         let (metadata, _, message) = request.into_parts();
         let (pongs, span) = self
             .call_retrying(&metadata, deadline, "SendStream", message, |req| {
-                let mut client = self.client.clone();
+                let mut client = self.client();
                 async move { client.send_stream(req).await }
             })
             .await?;
@@ -320,7 +328,7 @@ impl PingService for Forwarder {
         let (outbound, failed) = inbound(pings);
         let mut span = ClientCall::start(SERVICE, "Collect", &self.upstream_url);
         let upstream = self.upstream(&metadata, deadline, &span, outbound);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let mut summary = {
             let call = self.call(deadline, &mut span, client.collect(upstream));
             tokio::pin!(call);
@@ -346,7 +354,7 @@ impl PingService for Forwarder {
         let (outbound, failed) = inbound(pings);
         let mut span = ClientCall::start(SERVICE, "Chat", &self.upstream_url);
         let upstream = self.upstream(&metadata, deadline, &span, outbound);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let pongs = self
             .call(deadline, &mut span, client.chat(upstream))
             .await?;

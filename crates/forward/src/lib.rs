@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //! - [`Config`]: the service's settings plus `UPSTREAM_URL` and how to authenticate upstream.
-//! - [`upstream`]: the one shared channel to the next hop (h2c or TLS, lazy, reconnecting,
-//!   keepalive) with the ID-token layer on it.
+//! - [`upstream`]: the shared connections to the next hop (h2c or TLS, lazy, reconnecting,
+//!   keepalive), calls spread over them, with the ID-token layer on each.
 //! - [`Forwarder`]: the four RPCs, each passed on as it arrives, with this hop prepended to
 //!   every response's trail.
 //! - [`ForwardError`]: the errors this hop raises itself, and their gRPC codes.
@@ -14,10 +14,10 @@ mod error;
 mod forwarder;
 pub mod upstream;
 
-use std::future::Future;
+use std::{future::Future, num::NonZeroUsize};
 
 use runmesh_auth::{ServerAuthConfig, UpstreamAuthConfig};
-use runmesh_config::{ConfigError, Env, http_url};
+use runmesh_config::{ConfigError, Env, http_url, parse_or};
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
 
@@ -54,6 +54,9 @@ pub struct Config {
     pub auth: ServerAuthConfig,
     /// `UPSTREAM_URL`: the next hop, `http://` (h2c) or `https://` (TLS, system roots).
     pub upstream_url: url::Url,
+    /// `UPSTREAM_CONNECTIONS`: HTTP/2 connections calls are spread over (default: one per core
+    /// this process may use).
+    pub upstream_connections: NonZeroUsize,
     /// `UPSTREAM_AUTH`, `UPSTREAM_AUDIENCE`: how this hop proves itself upstream.
     pub upstream_auth: UpstreamAuthConfig,
     /// `K_REVISION` or the host name, for the hop trail.
@@ -64,7 +67,10 @@ impl Config {
     /// Reads the config of a `role` hop; errors name the variable and the bad value.
     pub fn from_env(role: Role, env: &impl Env) -> Result<Self, ConfigError> {
         let upstream_url = http_url(env, "UPSTREAM_URL")?;
+        let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        let upstream_connections = parse_or(env, "UPSTREAM_CONNECTIONS", cores)?;
         Ok(Self {
+            upstream_connections,
             role,
             server: ServerConfig::from_env(env)?,
             auth: ServerAuthConfig::from_env(env)?,
@@ -102,7 +108,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let channel = upstream::connect(&config).map_err(|e| {
+    let upstream = upstream::connect(&config).map_err(|e| {
         ServeError::Setup(format!(
             "{}: upstream {}: {e}",
             config.role.name(),
@@ -110,7 +116,7 @@ pub async fn serve(
         ))
     })?;
     let drain = Drain::default();
-    let forwarder = Forwarder::new(&config, channel, drain.clone());
+    let forwarder = Forwarder::new(&config, upstream, drain.clone());
     let app = app(&config, forwarder, drain);
     runmesh_runtime::serve(&config.server, listener, app, shutdown).await
 }
@@ -133,6 +139,29 @@ mod tests {
                 .starts_with("UPSTREAM_URL=\"grpc://ping:8080\" is invalid"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn upstream_connections_default_to_the_cores_and_must_be_a_positive_count() {
+        let base = [("AUTH_MODE", "off"), ("UPSTREAM_URL", "http://ping:8080")];
+        let c = Config::from_env(Role::Relay, &base).unwrap();
+        assert_eq!(
+            c.upstream_connections,
+            std::thread::available_parallelism().unwrap()
+        );
+        let with = |v: &'static str| {
+            let mut env = base.to_vec();
+            env.push(("UPSTREAM_CONNECTIONS", v));
+            Config::from_env(Role::Relay, &env.as_slice())
+        };
+        assert_eq!(with(" 3 ").unwrap().upstream_connections.get(), 3);
+        for bad in ["0", "-1", "two"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("UPSTREAM_CONNECTIONS={bad:?} is invalid")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,20 @@
-//! The one channel each hop keeps to its upstream, shared by every call.
+//! The connections each hop keeps to its upstream, shared by every call.
 //!
-//! HTTP/2 multiplexes all calls over it; it connects lazily (a hop starts even while its
-//! upstream is still coming up) and reconnects on demand after a failure. HTTP/2 keepalive pings
-//! detect a connection that went silent (a reset behind a load balancer leaves a channel
-//! answering nothing otherwise), so the next call reconnects instead of hanging.
+//! HTTP/2 multiplexes calls over each connection, but a connection carries at most as many calls
+//! at once as the upstream advertises (`SETTINGS_MAX_CONCURRENT_STREAMS`; further calls wait in
+//! the hop), and one task at each end frames all of its traffic. So the hop spreads its calls
+//! round-robin over `UPSTREAM_CONNECTIONS` of them. Each connects lazily (a hop starts even
+//! while its upstream is still coming up) and reconnects on demand after a failure. HTTP/2
+//! keepalive pings detect a connection that went silent (a reset behind a load balancer leaves
+//! a channel answering nothing otherwise), so the next call reconnects instead of hanging.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use runmesh_auth::{GoogleIdTokens, IdToken, IdTokenLayer, TokenError, UpstreamAuth};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -53,10 +62,25 @@ pub fn endpoint(url: &url::Url) -> Result<Endpoint, tonic::transport::Error> {
     Ok(endpoint)
 }
 
-/// Builds the shared upstream channel; must run inside the tokio runtime (the token source
-/// starts its background refresh there).
-pub fn connect(config: &Config) -> Result<UpstreamChannel, UpstreamError> {
-    let channel = endpoint(&config.upstream_url)?.connect_lazy();
+/// The hop's upstream connections, each with the ID-token layer; cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    channels: Arc<[UpstreamChannel]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    /// The connection for the next call, in turn.
+    pub fn pick(&self) -> UpstreamChannel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
+}
+
+/// Builds the shared upstream connections; must run inside the tokio runtime (the token source
+/// starts its background refresh there). One token source serves them all.
+pub fn connect(config: &Config) -> Result<Upstream, UpstreamError> {
+    let endpoint = endpoint(&config.upstream_url)?;
     let layer = match config.upstream_auth.mode {
         UpstreamAuth::Google => {
             let metadata = config
@@ -75,5 +99,11 @@ pub fn connect(config: &Config) -> Result<UpstreamChannel, UpstreamError> {
             IdTokenLayer::off()
         }
     };
-    Ok(layer.layer(channel))
+    let channels = (0..config.upstream_connections.get())
+        .map(|_| layer.layer(endpoint.connect_lazy()))
+        .collect();
+    Ok(Upstream {
+        channels,
+        next: Arc::default(),
+    })
 }

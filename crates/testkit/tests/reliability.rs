@@ -446,3 +446,54 @@ async fn a_draining_upstreams_goaway_leads_to_a_new_connection_not_failed_calls(
     );
     drop(draining);
 }
+
+/// How many of `want` server streams opened one after another through relay get their first
+/// message, when ping allows two streams per connection and relay keeps `connections` to it.
+/// Stops at the first stream that is not answered within `patience`; all stay open until then.
+async fn streams_relay_holds_open(connections: u32, want: usize, patience: Duration) -> usize {
+    let off = ("AUTH_MODE", "off".to_string());
+    let ping = Service::start(
+        "ping",
+        &[off.clone(), ("MAX_CONCURRENT_STREAMS", "2".into())],
+    )
+    .await;
+    let relay = Service::start(
+        "relay",
+        &[
+            off,
+            ("UPSTREAM_AUTH", "off".into()),
+            ("UPSTREAM_URL", ping.url.clone()),
+            ("UPSTREAM_CONNECTIONS", connections.to_string()),
+        ],
+    )
+    .await;
+    let c = relay.client().await;
+    let mut open = Vec::new();
+    for _ in 0..want {
+        let first = async {
+            let mut s = c
+                .clone()
+                .send_stream(stream_req(0, 100, 0))
+                .await?
+                .into_inner();
+            s.message().await?;
+            Ok::<_, tonic::Status>(s)
+        };
+        match tokio::time::timeout(patience, first).await {
+            Ok(stream) => open.push(stream.expect("an open stream fails")),
+            Err(_) => break,
+        }
+    }
+    alive(&[&ping, &relay]);
+    open.len()
+}
+
+#[tokio::test]
+async fn upstream_connections_multiply_the_streams_an_upstream_allows_per_connection() {
+    // One connection: the third stream waits in relay for a free HTTP/2 stream upstream.
+    let held = streams_relay_holds_open(1, 3, Duration::from_millis(700)).await;
+    assert_eq!(held, 2, "ping allows 2 streams on relay's one connection");
+    // Three connections, calls round-robin over them: six streams run at once.
+    let held = streams_relay_holds_open(3, 6, Duration::from_secs(10)).await;
+    assert_eq!(held, 6);
+}
