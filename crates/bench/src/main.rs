@@ -146,6 +146,19 @@ struct Run {
     report: Value,
     /// Peak RSS of each service during the run, KiB.
     peak_rss_kib: BTreeMap<String, u64>,
+    /// CPU each service (nginx with its workers) spent per call, or per message of a stream,
+    /// while the client counted, µs.
+    cpu_us: BTreeMap<String, f64>,
+}
+
+/// CPU per counted call (or message), µs, from each process's CPU `used` over the window.
+fn per_call_us(used: &BTreeMap<String, u64>, count: f64) -> BTreeMap<String, f64> {
+    if count <= 0.0 {
+        return BTreeMap::new();
+    }
+    used.iter()
+        .map(|(name, ns)| (name.clone(), *ns as f64 / 1000.0 / count))
+        .collect()
 }
 
 /// What was measured about one service process.
@@ -401,14 +414,16 @@ impl Harness {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// Runs `runmesh bench --json` against `scenario`, sampling every service's RSS.
+    /// Runs `runmesh bench --json` against `scenario` with `warmup` not counted, sampling every
+    /// service's RSS and CPU.
     async fn bench(
         &self,
         services: &mut Services,
         scenario: &Scenario,
         flags: &[String],
+        warmup: Duration,
         budget: Duration,
-    ) -> Result<(Value, BTreeMap<String, u64>), String> {
+    ) -> Result<Run, String> {
         let mut cmd = tokio::process::Command::new(self.bin("runmesh")?);
         cmd.arg("bench")
             .args(["--target", &scenario.target, "--json"])
@@ -421,14 +436,16 @@ impl Harness {
         let child = cmd.spawn().map_err(|e| format!("runmesh bench: {e}"))?;
         let pids = services.pids();
         let mut peaks: BTreeMap<String, u64> = BTreeMap::new();
-        let output = child.wait_with_output();
+        let output = procs::cpu_during(&pids, warmup, child.wait_with_output());
         tokio::pin!(output);
         let give_up = tokio::time::sleep(budget + Duration::from_secs(30));
         tokio::pin!(give_up);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let output = loop {
+        let (output, cpu) = loop {
             tokio::select! {
-                out = &mut output => break out.map_err(|e| format!("runmesh bench: {e}"))?,
+                (out, cpu) = &mut output => {
+                    break (out.map_err(|e| format!("runmesh bench: {e}"))?, cpu)
+                }
                 _ = tick.tick() => {
                     for (name, pid) in &pids {
                         let rss = procs::tree_rss_kib(*pid);
@@ -454,7 +471,18 @@ impl Harness {
                     String::from_utf8_lossy(&output.stderr)
                 )
             })?;
-        Ok((report, peaks))
+        let counted = if report["kind"] == "server-stream" {
+            &report["messages"]
+        } else {
+            &report["calls"]
+        };
+        Ok(Run {
+            workload: "",
+            scenario: scenario.name,
+            cpu_us: per_call_us(&cpu, counted.as_f64().unwrap_or(0.0)),
+            report,
+            peak_rss_kib: peaks,
+        })
     }
 
     /// The unary workloads against every scenario with h2load as the client, at the same
@@ -477,7 +505,9 @@ impl Harness {
                     warmup: a.warmup,
                     payload: w.payload,
                 };
-                let r = h2load::run(h2load_bin, &self.out, &s.target, &s.token, load).await?;
+                let run = h2load::run(h2load_bin, &self.out, &s.target, &s.token, load);
+                let (r, cpu) = procs::cpu_during(&services.pids(), a.warmup, run).await;
+                let r = r?;
                 services.check_running()?;
                 runs.push(Run {
                     workload: w.key,
@@ -491,6 +521,7 @@ impl Harness {
                         "data_bytes": r.data_bytes,
                     }),
                     peak_rss_kib: BTreeMap::new(),
+                    cpu_us: per_call_us(&cpu, r.done as f64),
                 });
             }
         }
@@ -571,12 +602,10 @@ impl Harness {
                 if w.streaming {
                     flags.extend(["--stream-count".into(), "100".into()]);
                 }
-                let (report, peaks) = self.bench(&mut services, s, &flags, budget).await?;
+                let run = self.bench(&mut services, s, &flags, a.warmup, budget);
                 runs.push(Run {
                     workload: w.key,
-                    scenario: s.name,
-                    report,
-                    peak_rss_kib: peaks,
+                    ..run.await?
                 });
             }
         }
@@ -605,12 +634,10 @@ impl Harness {
             ]
             .map(String::from)
             .into();
-            let (report, peaks) = self.bench(&mut services, s, &flags, budget / 2).await?;
+            let run = self.bench(&mut services, s, &flags, a.warmup / 2, budget / 2);
             latency_1x1.push(Run {
                 workload: "unary-64-1x1",
-                scenario: s.name,
-                report,
-                peak_rss_kib: peaks,
+                ..run.await?
             });
         }
 
@@ -639,17 +666,16 @@ impl Harness {
                 ]
                 .map(String::from)
                 .into();
-                let (report, peaks) = self.bench(&mut services, chain, &flags, hold).await?;
-                for (name, kib) in &peaks {
+                let run = self.bench(&mut services, chain, &flags, Duration::from_secs(1), hold);
+                let run = run.await?;
+                for (name, kib) in &run.peak_rss_kib {
                     if let Some(f) = facts.get_mut(name) {
                         f.rss_open_streams_kib = Some(*kib);
                     }
                 }
                 Some(Run {
                     workload: "open-streams",
-                    scenario: "chain",
-                    report,
-                    peak_rss_kib: peaks,
+                    ..run
                 })
             }
             None => None,
@@ -670,12 +696,10 @@ impl Harness {
                     "--warmup".into(),
                     secs(a.warmup),
                 ]);
-                let (report, peaks) = self.bench(&mut services, direct, &flags, budget).await?;
+                let run = self.bench(&mut services, direct, &flags, a.warmup, budget);
                 smoke_checks.push(Run {
                     workload: "smoke-check",
-                    scenario: direct.name,
-                    report,
-                    peak_rss_kib: peaks,
+                    ..run.await?
                 });
             }
         }
@@ -835,6 +859,14 @@ async fn main() -> ExitCode {
         report::table(&results.runs, &results.latency_1x1, &results.services)
     );
     print!("{}", report::h2load_table(&results.h2load_runs));
+    print!(
+        "{}",
+        report::cpu_table(&[
+            ("runmesh", &results.runs),
+            ("h2load", &results.h2load_runs),
+            ("runmesh", &results.latency_1x1),
+        ])
+    );
     print!("{}", report::targets_text(&results.targets));
     let json = harness.out.join("results.json");
     let svg = harness.out.join("latency.svg");

@@ -2,6 +2,7 @@
 //! memory, and always stopped by PID — on success, on error and on Ctrl-C alike (drop).
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     net::TcpListener,
     path::{Path, PathBuf},
@@ -222,6 +223,60 @@ pub(crate) fn tree_rss_kib(pid: u32) -> u64 {
     family(pid).into_iter().map(rss_kib).sum()
 }
 
+/// CPU time `pid` and its children have had, ns: every thread's run time from
+/// `/proc/PID/task/TID/schedstat`, which counts nanoseconds where `stat` counts 10 ms ticks.
+pub(crate) fn tree_cpu_ns(pid: u32) -> u64 {
+    family(pid).into_iter().map(cpu_ns).sum()
+}
+
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| parse_schedstat(&s))
+        .sum()
+}
+
+/// The run time, ns, of a `schedstat` line (`<run ns> <wait ns> <timeslices>`).
+pub(crate) fn parse_schedstat(line: &str) -> Option<u64> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs `run` and measures the CPU each of `pids` uses from `warmup` after the start (when a
+/// load generator starts counting) until `run` ends, ns.
+pub(crate) async fn cpu_during<F: Future>(
+    pids: &[(String, u32)],
+    warmup: Duration,
+    run: F,
+) -> (F::Output, BTreeMap<String, u64>) {
+    let sample = || -> BTreeMap<String, u64> {
+        pids.iter()
+            .map(|(name, pid)| (name.clone(), tree_cpu_ns(*pid)))
+            .collect()
+    };
+    tokio::pin!(run);
+    let early = tokio::select! {
+        out = &mut run => Some(out),
+        () = tokio::time::sleep(warmup) => None,
+    };
+    let start = sample();
+    let out = match early {
+        Some(out) => out,
+        None => run.await,
+    };
+    let used = sample()
+        .into_iter()
+        .map(|(name, end)| {
+            let used = end.saturating_sub(start.get(&name).copied().unwrap_or(end));
+            (name, used)
+        })
+        .collect();
+    (out, used)
+}
+
 /// Direct children of `pid`, from `/proc/PID/task/*/children`.
 fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -287,6 +342,38 @@ mod tests {
         let status = "Name:\tping\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss(status), Some(12345));
         assert_eq!(parse_vm_rss("Name:\tping\n"), None);
+    }
+
+    #[test]
+    fn schedstat_run_time_is_the_first_field() {
+        assert_eq!(parse_schedstat("123456789 2000 17\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+    }
+
+    #[tokio::test]
+    async fn cpu_is_counted_from_the_end_of_the_warmup_to_the_end_of_the_run() {
+        let mut busy = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pids = vec![("sh".to_string(), busy.id())];
+        let window = |warmup_ms, run_ms| {
+            cpu_during(
+                &pids,
+                Duration::from_millis(warmup_ms),
+                tokio::time::sleep(Duration::from_millis(run_ms)),
+            )
+        };
+        let ((), long) = window(100, 500).await;
+        let ((), short) = window(450, 500).await;
+        busy.kill().unwrap();
+        busy.wait().unwrap();
+        let ms = |used: &BTreeMap<String, u64>| used["sh"] / 1_000_000;
+        // 400 ms of a spinning process, given at least 30 % of a core on a busy machine.
+        assert!((120..=450).contains(&ms(&long)), "{} ms", ms(&long));
+        // 50 ms of wall time cannot hold more than 50 ms of one thread's CPU, plus sampling slop.
+        assert!(ms(&short) <= 90, "{} ms", ms(&short));
     }
 
     #[test]

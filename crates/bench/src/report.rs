@@ -136,6 +136,51 @@ pub(crate) fn table(
     t
 }
 
+/// CPU each process spent per call (per message for streams), µs, for `runs` by each client: what
+/// a hop costs, apart from how the shared cores happened to be divided between the processes.
+pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
+    let names: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .flat_map(|(_, runs)| runs.iter())
+        .flat_map(|r| r.cpu_us.keys().map(String::as_str))
+        .collect();
+    let mut t = String::new();
+    if names.is_empty() {
+        return t;
+    }
+    let _ = write!(
+        t,
+        "\nCPU per call (per message for streams), µs:\n{:<20} {:<8} {:<8}",
+        "workload", "scenario", "client"
+    );
+    for name in &names {
+        let _ = write!(t, " {name:>8}");
+    }
+    for (client, runs) in runs {
+        for run in runs.iter() {
+            let _ = write!(
+                t,
+                "\n{:<20} {:<8} {client:<8}",
+                workload(run.workload).map_or(run.workload, |w| w.title),
+                run.scenario
+            );
+            for name in &names {
+                // A process the scenario does not pass through only ticks its timers.
+                match run.cpu_us.get(*name) {
+                    Some(us) if *us >= 0.05 => {
+                        let _ = write!(t, " {us:>8.1}");
+                    }
+                    _ => {
+                        let _ = write!(t, " {:>8}", "-");
+                    }
+                }
+            }
+        }
+    }
+    t.push('\n');
+    t
+}
+
 fn pct(x: Option<f64>) -> String {
     x.map_or("-".to_string(), |x| format!("{:.1} %", x * 100.0))
 }
@@ -412,6 +457,7 @@ mod tests {
 
     fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
         Run {
+            cpu_us: BTreeMap::new(),
             workload,
             scenario,
             report: serde_json::json!({
@@ -423,6 +469,27 @@ mod tests {
             }),
             peak_rss_kib: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn cpu_per_call_is_a_column_per_process_and_idle_processes_show_a_dash() {
+        let mut direct = run("unary-64", "direct", 1000.0, 100.0);
+        direct.cpu_us = [("ping".to_string(), 17.04), ("relay".to_string(), 0.01)].into();
+        let mut relay = run("unary-64", "relay", 500.0, 200.0);
+        relay.cpu_us = [("ping".to_string(), 21.0), ("relay".to_string(), 44.55)].into();
+        let runs = [direct, relay];
+        let text = cpu_table(&[("h2load", &runs)]);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert!(lines[1].ends_with("    ping    relay"), "{text}");
+        assert!(
+            lines[2].contains("direct") && lines[2].ends_with("    17.0        -"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("h2load") && lines[3].ends_with("    21.0     44.5"),
+            "{text}"
+        );
+        assert_eq!(cpu_table(&[("runmesh", &[])]), "");
     }
 
     #[test]
