@@ -4,6 +4,8 @@ use std::error::Error as _;
 
 use tonic::{Code, Status};
 
+use crate::upstream::TransportError;
+
 /// What can go wrong at this hop; the one place these get their gRPC code and log level.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -84,13 +86,13 @@ impl ForwardError {
 
 impl ForwardError {
     /// Whether the failed call provably never reached the upstream, so sending it again cannot
-    /// run it twice: hyper cancelled it before dispatch (its connection was closing), or the
-    /// upstream refused the stream unprocessed (`REFUSED_STREAM`).
+    /// run it twice: its connection was closing or closed before the stream opened, or the
+    /// upstream refused the stream unprocessed (`REFUSED_STREAM`, or a GOAWAY below its id).
     pub fn never_sent(status: &Status) -> bool {
         let mut cause = status.source();
         while let Some(e) = cause {
-            if e.downcast_ref::<hyper::Error>()
-                .is_some_and(hyper::Error::is_canceled)
+            if e.downcast_ref::<TransportError>()
+                .is_some_and(TransportError::is_not_sent)
                 || e.downcast_ref::<h2::Error>()
                     .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM))
             {

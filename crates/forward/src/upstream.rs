@@ -8,58 +8,75 @@
 //! keepalive pings detect a connection that went silent (a reset behind a load balancer leaves
 //! a channel answering nothing otherwise), so the next call reconnects instead of hanging.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
+use http::HeaderValue;
 use runmesh_auth::{GoogleIdTokens, IdToken, IdTokenLayer, TokenError, UpstreamAuth};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
-use tower::Layer;
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{ClientConfig, RootCertStore},
+};
+use tower::{BoxError, Layer};
 
 use crate::Config;
 
-/// The upstream channel with this hop's ID token added to every call.
-pub type UpstreamChannel = IdToken<Channel>;
+mod connection;
 
-/// Why the upstream channel could not be set up.
+pub use connection::{Connection, ResponseBody, Target, TransportError};
+
+/// The upstream connection with this hop's ID token added to every call.
+pub type UpstreamChannel = IdToken<Connection>;
+
+/// Why the upstream connections could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The URL or TLS settings were refused by the transport.
-    #[error("{0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The URL or TLS settings were refused.
+    #[error("upstream {url}: {source}")]
+    Target {
+        /// The upstream URL.
+        url: url::Url,
+        /// What was wrong with it.
+        #[source]
+        source: BoxError,
+    },
     /// The token source could not be built (e.g. a broken credentials file).
     #[error("{0}")]
     Token(#[from] TokenError),
 }
 
-/// How long a connection attempt may take before the call fails `UNAVAILABLE`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Ping interval that notices a dead connection well within a typical deadline.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a keepalive ping may go unanswered before the connection is dropped.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The transport endpoint for `url`: h2c for `http://`, TLS with the system roots for `https://`.
-pub fn endpoint(url: &url::Url) -> Result<Endpoint, tonic::transport::Error> {
-    let mut endpoint = Endpoint::from_shared(url.as_str().trim_end_matches('/').to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    if url.scheme() == "https" {
-        let host = url.host_str().unwrap_or_default();
-        // SNI and certificate name come from the URL, as Cloud Run's front end expects.
-        let tls = ClientTlsConfig::new()
-            .with_native_roots()
-            .domain_name(host.to_string());
-        endpoint = endpoint.tls_config(tls)?;
+/// TLS with the system's roots (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured), offering only h2.
+fn tls_connector() -> Result<TlsConnector, BoxError> {
+    runmesh_auth::install_crypto_provider();
+    let native = rustls_native_certs::load_native_certs();
+    if native.certs.is_empty() {
+        return Err(format!("no system root certificates found: {:?}", native.errors).into());
     }
-    Ok(endpoint)
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(native.certs);
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Where `config`'s upstream is and how to reach it.
+fn target(config: &Config) -> Result<Target, BoxError> {
+    let url = &config.upstream_url;
+    let tls = if url.scheme() == "https" {
+        Some(tls_connector()?)
+    } else {
+        None
+    };
+    let user_agent = HeaderValue::from_str(&format!(
+        "runmesh-{}/{}",
+        config.role.name(),
+        env!("CARGO_PKG_VERSION")
+    ))?;
+    Target::new(url, tls, user_agent)
 }
 
 /// The hop's upstream connections, each with the ID-token layer; cloning shares them.
@@ -80,7 +97,10 @@ impl Upstream {
 /// Builds the shared upstream connections; must run inside the tokio runtime (the token source
 /// starts its background refresh there). One token source serves them all.
 pub fn connect(config: &Config) -> Result<Upstream, UpstreamError> {
-    let endpoint = endpoint(&config.upstream_url)?;
+    let target = Arc::new(target(config).map_err(|source| UpstreamError::Target {
+        url: config.upstream_url.clone(),
+        source,
+    })?);
     let layer = match config.upstream_auth.mode {
         UpstreamAuth::Google => {
             let metadata = config
@@ -100,7 +120,7 @@ pub fn connect(config: &Config) -> Result<Upstream, UpstreamError> {
         }
     };
     let channels = (0..config.upstream_connections.get())
-        .map(|_| layer.layer(endpoint.connect_lazy()))
+        .map(|_| layer.layer(Connection::lazy(target.clone())))
         .collect();
     Ok(Upstream {
         channels,
