@@ -38,11 +38,13 @@ struct Instruments {
     in_flight: UpDownCounter<i64>,
 }
 
-/// Created on first use, from whatever meter provider telemetry installed (a no-op one when
-/// nothing is exported).
-fn instruments() -> &'static Instruments {
-    static I: OnceLock<Instruments> = OnceLock::new();
-    I.get_or_init(|| {
+static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
+
+/// Starts recording RPC metrics into the global meter provider; telemetry calls it once metrics
+/// are exported. Until then calls build no metric attributes at all: recording into the no-op
+/// provider cost a few allocations per call for nothing.
+pub fn enable_metrics() {
+    INSTRUMENTS.get_or_init(|| {
         let meter = opentelemetry::global::meter("runmesh");
         Instruments {
             server_duration: meter
@@ -60,7 +62,28 @@ fn instruments() -> &'static Instruments {
                 .with_description("Inbound RPCs in flight")
                 .build(),
         }
-    })
+    });
+}
+
+/// The RPC instruments, once metrics are exported.
+fn instruments() -> Option<&'static Instruments> {
+    INSTRUMENTS.get()
+}
+
+/// The metric attributes of a call to `service`/`method`.
+fn rpc_attributes(service: &str, method: &str) -> [KeyValue; 3] {
+    [
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service.to_string()),
+        KeyValue::new("rpc.method", method.to_string()),
+    ]
+}
+
+/// Records `ms` with `attributes` and the status code into `histogram`.
+fn record_duration(histogram: &Histogram<f64>, ms: f64, attributes: &[KeyValue; 3], code: i32) {
+    let mut attrs = attributes.to_vec();
+    attrs.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+    histogram.record(ms, &attrs);
 }
 
 /// Server-side codes OpenTelemetry counts as errors of the server (the others are the caller's).
@@ -148,11 +171,20 @@ fn record_ids(span: &Span) {
 }
 
 /// Splits `/pkg.Service/Method` into its service and method.
-fn rpc_names(path: &str) -> (String, String) {
+fn rpc_names(path: &str) -> (&str, &str) {
     let trimmed = path.trim_start_matches('/');
-    match trimmed.split_once('/') {
-        Some((s, m)) => (s.to_string(), m.to_string()),
-        None => (trimmed.to_string(), String::new()),
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+/// The caller's address as logged: empty when the transport gave none.
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -216,8 +248,9 @@ pub struct RpcTrace<S> {
 struct ServerCall {
     span: Span,
     start: Instant,
-    attributes: [KeyValue; 3],
-    peer: String,
+    /// `None` while metrics are not exported.
+    attributes: Option<[KeyValue; 3]>,
+    peer: Peer,
     requests: Arc<AtomicU64>,
     responses: u64,
     finished: bool,
@@ -234,11 +267,10 @@ impl ServerCall {
         if server_error(code) {
             self.span.record("otel.status_code", "ERROR");
         }
-        let i = instruments();
-        let mut attrs = self.attributes.to_vec();
-        attrs.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
-        i.server_duration.record(ms, &attrs);
-        i.in_flight.add(-1, &self.attributes);
+        if let (Some(i), Some(attributes)) = (instruments(), &self.attributes) {
+            record_duration(&i.server_duration, ms, attributes, code);
+            i.in_flight.add(-1, attributes);
+        }
         let status = code_name(Code::from_i32(code));
         let requests = self.requests.load(Ordering::Relaxed);
         if server_error(code) {
@@ -296,12 +328,11 @@ where
             });
         }
         let (service, method) = rpc_names(path);
-        let peer = req
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = Peer(
+            req.extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr),
+        );
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %format!("{service}/{method}"),
@@ -319,12 +350,11 @@ where
         );
         let _ = span.set_parent(extract_parent(req.headers()));
         record_ids(&span);
-        let attributes = [
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", service),
-            KeyValue::new("rpc.method", method),
-        ];
-        instruments().in_flight.add(1, &attributes);
+        let attributes = instruments().map(|i| {
+            let attributes = rpc_attributes(service, method);
+            i.in_flight.add(1, &attributes);
+            attributes
+        });
         let requests = Arc::new(AtomicU64::new(0));
         let mut call = ServerCall {
             span: span.clone(),
@@ -475,7 +505,8 @@ impl<B: Body<Data = tonic::codegen::Bytes>> Body for TracedBody<B> {
 pub struct ClientCall {
     span: Span,
     start: Instant,
-    attributes: [KeyValue; 3],
+    /// `None` while metrics are not exported.
+    attributes: Option<[KeyValue; 3]>,
     finished: bool,
 }
 
@@ -498,11 +529,7 @@ impl ClientCall {
         Self {
             span,
             start: Instant::now(),
-            attributes: [
-                KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", service.to_string()),
-                KeyValue::new("rpc.method", method.to_string()),
-            ],
+            attributes: instruments().map(|_| rpc_attributes(service, method)),
             finished: false,
         }
     }
@@ -530,11 +557,10 @@ impl ClientCall {
         if code != 0 {
             self.span.record("otel.status_code", "ERROR");
         }
-        let mut attrs = self.attributes.to_vec();
-        attrs.push(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
-        instruments()
-            .client_duration
-            .record(self.start.elapsed().as_secs_f64() * 1000.0, &attrs);
+        if let (Some(i), Some(attributes)) = (instruments(), &self.attributes) {
+            let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            record_duration(&i.client_duration, ms, attributes, code);
+        }
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn init(format: LogFormat, identity: &Identity, env: &impl Env) -> Tel
                     )
                     .build();
                 opentelemetry::global::set_meter_provider(provider.clone());
+                crate::observe::enable_metrics();
                 meter = Some(provider);
             }
             Err(e) => export_error = Some(e.to_string()),
