@@ -1,4 +1,6 @@
-//! The four RPCs, forwarded message by message.
+//! The four RPCs, forwarded message by message, each message passed on as it was encoded
+//! ([`runmesh_proto::raw`]): a hop reads none of them and adds itself to an answer's trail by
+//! prefixing bytes.
 //!
 //! Nothing is buffered beyond what HTTP/2 flow control allows: inbound messages are pulled from
 //! the caller only as the upstream request body is polled, and upstream responses only as the
@@ -7,11 +9,16 @@
 
 use std::pin::Pin;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use runmesh_auth::Caller;
-use runmesh_proto::ping::v1::{
-    CollectResponse, Hop, SendRequest, SendResponse, SendStreamRequest,
-    ping_service_client::PingServiceClient, ping_service_server::PingService,
+use runmesh_proto::{
+    ping::v1::Hop,
+    raw::{
+        Raw,
+        ping_service::{ping_service_client::PingServiceClient, ping_service_server::PingService},
+        pong_prefix, summary_prefix,
+    },
 };
 use runmesh_runtime::{
     Drain,
@@ -34,7 +41,7 @@ const FORWARDED: [&str; 2] = ["x-cloud-trace-context", "x-request-id"];
 /// The service part of every method path, for span names.
 const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
 
-type PongStream = Pin<Box<dyn Stream<Item = Result<SendResponse, Status>> + Send>>;
+type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;
 
 /// `PingService` answered by calling the same method upstream.
 #[derive(Debug, Clone)]
@@ -194,22 +201,17 @@ impl Forwarder {
     /// The upstream response stream with this hop prepended, bounded by deadline and drain.
     fn pongs(
         &self,
-        upstream: Streaming<SendResponse>,
+        upstream: Streaming<Raw>,
         client: ClientCall,
-        hop: Hop,
+        prefix: Bytes,
         deadline: Option<Instant>,
         inbound_failed: Option<oneshot::Receiver<Status>>,
     ) -> PongStream {
         let this = self.clone();
         let upstream = client.observe(upstream);
         let pongs = upstream.map(move |item| {
-            item.map(|mut res| {
-                if let Some(pong) = res.pong.as_mut() {
-                    pong.hops.insert(0, hop.clone());
-                }
-                res
-            })
-            .map_err(|s| this.error(s))
+            item.map(|pong| pong.after(&prefix))
+                .map_err(|s| this.error(s))
         });
         let pongs: PongStream = match inbound_failed {
             None => Box::pin(pongs),
@@ -223,9 +225,9 @@ impl Forwarder {
 /// like a clean half-close upstream (ping would answer as if all was sent): the stream stalls
 /// instead, and the status goes to the returned receiver, whose handler then drops the call.
 fn inbound(
-    pings: Streaming<SendRequest>,
+    pings: Streaming<Raw>,
 ) -> (
-    impl Stream<Item = SendRequest> + Send + 'static,
+    impl Stream<Item = Raw> + Send + 'static,
     oneshot::Receiver<Status>,
 ) {
     let (tx, rx) = oneshot::channel();
@@ -247,11 +249,11 @@ fn inbound(
 
 /// Ends the response stream with the inbound failure, if the caller's stream fails first.
 fn end_on_inbound_failure(
-    pongs: impl Stream<Item = Result<SendResponse, Status>> + Send + 'static,
+    pongs: impl Stream<Item = Result<Raw, Status>> + Send + 'static,
     failed: oneshot::Receiver<Status>,
-) -> impl Stream<Item = Result<SendResponse, Status>> + Send + 'static {
+) -> impl Stream<Item = Result<Raw, Status>> + Send + 'static {
     enum Next {
-        Item(Option<Result<SendResponse, Status>>),
+        Item(Option<Result<Raw, Status>>),
         Failed(Status),
         InboundDone,
     }
@@ -283,28 +285,25 @@ fn end_on_inbound_failure(
 
 #[tonic::async_trait]
 impl PingService for Forwarder {
-    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+    async fn send(&self, request: Request<Raw>) -> Result<Response<Raw>, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
-        let (mut res, mut span) = self
+        let (res, mut span) = self
             .call_retrying(&metadata, deadline, "Send", message, |req| {
                 let mut client = self.client();
                 async move { client.send(req).await }
             })
             .await?;
         span.finish(tonic::Code::Ok);
-        if let Some(pong) = res.pong.as_mut() {
-            pong.hops.insert(0, hop);
-        }
-        Ok(Response::new(res))
+        Ok(Response::new(res.after(&pong_prefix(hop))))
     }
 
     type SendStreamStream = PongStream;
 
     async fn send_stream(
         &self,
-        request: Request<SendStreamRequest>,
+        request: Request<Raw>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
@@ -315,13 +314,16 @@ impl PingService for Forwarder {
                 async move { client.send_stream(req).await }
             })
             .await?;
-        Ok(Response::new(self.pongs(pongs, span, hop, deadline, None)))
+        Ok(Response::new(self.pongs(
+            pongs,
+            span,
+            pong_prefix(hop),
+            deadline,
+            None,
+        )))
     }
 
-    async fn collect(
-        &self,
-        request: Request<Streaming<SendRequest>>,
-    ) -> Result<Response<CollectResponse>, Status> {
+    async fn collect(&self, request: Request<Streaming<Raw>>) -> Result<Response<Raw>, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, pings) = request.into_parts();
@@ -329,7 +331,7 @@ impl PingService for Forwarder {
         let mut span = ClientCall::start(SERVICE, "Collect", &self.upstream_url);
         let upstream = self.upstream(&metadata, deadline, &span, outbound);
         let mut client = self.client();
-        let mut summary = {
+        let summary = {
             let call = self.call(deadline, &mut span, client.collect(upstream));
             tokio::pin!(call);
             tokio::select! {
@@ -338,15 +340,14 @@ impl PingService for Forwarder {
             }
         };
         span.finish(tonic::Code::Ok);
-        summary.hops.insert(0, hop);
-        Ok(Response::new(summary))
+        Ok(Response::new(summary.after(&summary_prefix(hop))))
     }
 
     type ChatStream = PongStream;
 
     async fn chat(
         &self,
-        request: Request<Streaming<SendRequest>>,
+        request: Request<Streaming<Raw>>,
     ) -> Result<Response<Self::ChatStream>, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
@@ -361,7 +362,7 @@ impl PingService for Forwarder {
         Ok(Response::new(self.pongs(
             pongs,
             span,
-            hop,
+            pong_prefix(hop),
             deadline,
             Some(failed),
         )))

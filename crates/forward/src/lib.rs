@@ -4,8 +4,8 @@
 //! - [`Config`]: the service's settings plus `UPSTREAM_URL` and how to authenticate upstream.
 //! - [`upstream`]: the shared connections to the next hop (h2c or TLS, lazy, reconnecting,
 //!   keepalive), calls spread over them, with the ID-token layer on each.
-//! - [`Forwarder`]: the four RPCs, each passed on as it arrives, with this hop prepended to
-//!   every response's trail.
+//! - [`Forwarder`]: the four RPCs, each message passed on as it arrives and as it was encoded,
+//!   with this hop prepended to every response's trail.
 //! - [`ForwardError`]: the errors this hop raises itself, and their gRPC codes.
 //!
 //! relay and gateway differ only in [`Role`] and in the allow-lists their deploy gives them.
@@ -16,10 +16,12 @@ pub mod upstream;
 
 use std::{future::Future, num::NonZeroUsize};
 
-use runmesh_auth::{ServerAuthConfig, UpstreamAuthConfig};
+use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
 use runmesh_config::{ConfigError, Env, http_url, parse_or};
+use runmesh_proto::raw::ping_service::ping_service_server::PingServiceServer;
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use error::ForwardError;
 pub use forwarder::Forwarder;
@@ -93,13 +95,17 @@ impl ServiceConfig for Config {
 
 /// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].
 pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
-    App::ping_service(
-        config.role.name(),
-        forwarder,
-        &config.server,
-        &config.auth,
+    let max = config.server.max_message_size;
+    let server = PingServiceServer::new(forwarder)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    App {
+        name: config.role.name(),
+        routes: Routes::new(server),
+        health_names: vec![runmesh_proto::PING_SERVICE_NAME],
+        auth: ServerAuthLayer::new(&config.auth),
         drain,
-    )
+    }
 }
 
 /// Serves a forwarding hop on `listener` until `shutdown`, then drains.

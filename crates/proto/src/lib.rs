@@ -1,7 +1,8 @@
 //! The `runmesh.ping.v1` API, generated from `protos/` at build time.
 //!
 //! Re-exports the exact `tonic` and `prost` versions the code was generated for, so every crate
-//! in the workspace stays in step with them.
+//! in the workspace stays in step with them. [`raw`] is the same service over messages left
+//! encoded, which the forwarding hops serve.
 
 pub use prost;
 pub use prost_types;
@@ -15,6 +16,8 @@ pub mod ping {
         tonic::include_proto!("runmesh.ping.v1");
     }
 }
+
+pub mod raw;
 
 /// Encoded `FileDescriptorSet` of the API, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

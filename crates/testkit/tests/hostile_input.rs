@@ -313,6 +313,39 @@ async fn garbage_protobuf_is_internal() {
     assert_still_serving(&service).await;
 }
 
+/// A hop passes messages on unread, so a request it cannot decode is ping's to refuse: the
+/// caller gets ping's `INTERNAL`, and the hop keeps serving.
+#[tokio::test]
+async fn garbage_protobuf_through_a_relay_is_internal_from_ping() {
+    let ping = ping().await;
+    let relay = Service::start(
+        "relay",
+        &[
+            ("AUTH_MODE", "off".into()),
+            ("UPSTREAM_AUTH", "off".into()),
+            ("UPSTREAM_URL", format!("http://127.0.0.1:{}", ping.port)),
+            ("MAX_MESSAGE_SIZE", MAX_MESSAGE.to_string()),
+        ],
+    )
+    .await;
+    let client = h2_connect(&relay).await;
+    let garbage: &[u8] = &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f];
+    let outcome = grpc_call(
+        &client,
+        SEND,
+        grpc_frame(false, garbage.len() as u32, garbage),
+    )
+    .await;
+    match &outcome {
+        Outcome::Grpc { code, message, .. } => {
+            assert_eq!(*code, Code::Internal, "{outcome:?}");
+            assert!(message.contains("decode"), "{outcome:?}");
+        }
+        _ => panic!("no gRPC status: {outcome:?}"),
+    }
+    assert_still_serving(&relay).await;
+}
+
 #[tokio::test]
 async fn a_non_grpc_content_type_is_refused() {
     // gRPC over HTTP/2: "If Content-Type does not begin with application/grpc, gRPC servers
