@@ -428,6 +428,16 @@ fn progress_bar(args: &BenchArgs, total: Option<Duration>) -> ProgressBar {
     bar
 }
 
+/// How long the measured part of a run lasted: a run that used up `--requests` ended with its
+/// last call, even when a longer `--duration` was also given; a timed run lasted at least its
+/// duration.
+fn measured_window(duration: Option<Duration>, counted_out: bool, last_end: Duration) -> Duration {
+    match duration {
+        Some(d) if !counted_out => d.max(last_end),
+        _ => last_end,
+    }
+}
+
 /// Runs the benchmark and prints its result.
 pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     if let Some(rate) = args.rate
@@ -561,9 +571,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     bar.finish_and_clear();
 
     let tally = shared.tally.lock().expect("tally lock").clone();
+    let counted_out = args
+        .requests
+        .is_some_and(|n| shared.tickets.load(Ordering::Relaxed) >= n);
     let measured_end = Duration::from_nanos(shared.last_end.load(Ordering::Relaxed));
-    let elapsed = duration
-        .map_or(measured_end, |d| d.max(measured_end))
+    let elapsed = measured_window(duration, counted_out, measured_end)
         .as_secs_f64()
         .max(1e-9);
     let messages = shared.messages.load(Ordering::Relaxed);
@@ -654,5 +666,31 @@ fn print_report(r: &Report<'_>, json: bool) {
     let _ = writeln!(out, "  errors    {errors}");
     if let Some(e) = &r.first_error {
         let _ = writeln!(out, "  first error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_used_up_its_requests_is_measured_to_its_last_call() {
+        let last = Duration::from_millis(1_500);
+        assert_eq!(
+            measured_window(Some(Duration::from_secs(600)), true, last),
+            last
+        );
+        assert_eq!(measured_window(None, true, last), last);
+    }
+
+    #[test]
+    fn a_timed_run_lasts_at_least_its_duration() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(
+            measured_window(Some(ten), false, Duration::from_millis(9_990)),
+            ten
+        );
+        let late = Duration::from_millis(10_200);
+        assert_eq!(measured_window(Some(ten), false, late), late);
     }
 }
