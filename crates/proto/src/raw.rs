@@ -9,7 +9,7 @@
 //! The wire contract is the same `runmesh.ping.v1.PingService`: reflection, the size limits and
 //! every client see no difference.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::{
     Status,
@@ -18,27 +18,48 @@ use tonic::{
 
 use crate::ping::v1::{CollectResponse, Hop, Pong, SendResponse};
 
-/// One encoded message of the API, as it came off (or goes on) the wire.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Raw(pub Bytes);
+/// One encoded message of the API, as it came off (or goes on) the wire, and the bytes a hop
+/// merges in front of it. Holding the two apart lets the encoder write both into the frame, so
+/// adding a hop copies the message once, not twice.
+#[derive(Debug, Clone, Default)]
+pub struct Raw {
+    head: Bytes,
+    body: Bytes,
+}
 
 impl Raw {
+    /// A message whose encoding is `body`.
+    pub fn new(body: Bytes) -> Self {
+        Self {
+            head: Bytes::new(),
+            body,
+        }
+    }
+
     /// The encoding of `message`.
     pub fn encode(message: &impl Message) -> Self {
-        Self(message.encode_to_vec().into())
+        Self::new(message.encode_to_vec().into())
     }
 
     /// Decodes this message as `M`.
     pub fn decode<M: Message + Default>(&self) -> Result<M, prost::DecodeError> {
-        M::decode(self.0.clone())
+        M::decode(self.head.clone().chain(self.body.clone()))
     }
 
     /// This message with `head` merged in front: `head`'s repeated fields come first.
-    pub fn after(self, head: &[u8]) -> Self {
-        let mut out = BytesMut::with_capacity(head.len() + self.0.len());
-        out.put_slice(head);
-        out.put_slice(&self.0);
-        Self(out.freeze())
+    pub fn after(self, head: &Bytes) -> Self {
+        let head = if self.head.is_empty() {
+            head.clone()
+        } else {
+            let mut both = BytesMut::with_capacity(head.len() + self.head.len());
+            both.put_slice(head);
+            both.put_slice(&self.head);
+            both.freeze()
+        };
+        Self {
+            head,
+            body: self.body,
+        }
     }
 }
 
@@ -64,7 +85,8 @@ pub fn summary_prefix(hop: Hop) -> Bytes {
     summary.encode_to_vec().into()
 }
 
-/// Passes [`Raw`] messages through tonic's framing, copying each once into the frame.
+/// Passes [`Raw`] messages through tonic's framing: decoding takes the frame's bytes as they
+/// are, encoding copies head and body once into the outgoing frame.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawCodec;
 
@@ -88,7 +110,9 @@ impl Encoder for RawCodec {
     type Error = Status;
 
     fn encode(&mut self, item: Raw, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item.0);
+        dst.reserve(item.head.len() + item.body.len());
+        dst.put_slice(&item.head);
+        dst.put_slice(&item.body);
         Ok(())
     }
 }
@@ -98,8 +122,7 @@ impl Decoder for RawCodec {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Raw>, Status> {
-        use bytes::Buf;
-        Ok(Some(Raw(src.copy_to_bytes(src.remaining()))))
+        Ok(Some(Raw::new(src.copy_to_bytes(src.remaining()))))
     }
 }
 
@@ -151,6 +174,25 @@ mod tests {
             .hops
             .insert(0, hop("gateway"));
         assert_eq!(merged, expected);
+    }
+
+    #[test]
+    fn prefixes_added_hop_after_hop_come_out_in_the_order_of_the_chain() {
+        let answer = SendResponse {
+            pong: Some(Pong {
+                message: "hello".into(),
+                hops: vec![hop("ping")],
+                ..Pong::default()
+            }),
+        };
+        let merged: SendResponse = Raw::encode(&answer)
+            .after(&pong_prefix(hop("relay")))
+            .after(&pong_prefix(hop("gateway")))
+            .decode()
+            .unwrap();
+        let pong = merged.pong.unwrap();
+        assert_eq!(pong.message, "hello");
+        assert_eq!(pong.hops, vec![hop("gateway"), hop("relay"), hop("ping")]);
     }
 
     #[test]
