@@ -210,7 +210,7 @@ impl Forwarder {
         let this = self.clone();
         let upstream = client.observe(upstream);
         let pongs = upstream.map(move |item| {
-            item.map(|pong| pong.after(&prefix))
+            item.map(|pong| pong.after(prefix.clone()))
                 .map_err(|s| this.error(s))
         });
         let pongs: PongStream = match inbound_failed {
@@ -296,7 +296,7 @@ impl PingService for Forwarder {
             })
             .await?;
         span.finish(tonic::Code::Ok);
-        Ok(Response::new(res.after(&pong_prefix(hop))))
+        Ok(Response::new(res.after(pong_prefix(hop))))
     }
 
     type SendStreamStream = PongStream;
@@ -340,7 +340,7 @@ impl PingService for Forwarder {
             }
         };
         span.finish(tonic::Code::Ok);
-        Ok(Response::new(summary.after(&summary_prefix(hop))))
+        Ok(Response::new(summary.after(summary_prefix(hop))))
     }
 
     type ChatStream = PongStream;

@@ -47,12 +47,12 @@ impl Raw {
     }
 
     /// This message with `head` merged in front: `head`'s repeated fields come first.
-    pub fn after(self, head: &Bytes) -> Self {
+    pub fn after(self, head: Bytes) -> Self {
         let head = if self.head.is_empty() {
-            head.clone()
+            head
         } else {
             let mut both = BytesMut::with_capacity(head.len() + self.head.len());
-            both.put_slice(head);
+            both.put_slice(&head);
             both.put_slice(&self.head);
             both.freeze()
         };
@@ -163,7 +163,7 @@ mod tests {
             }),
         };
         let merged: SendResponse = Raw::encode(&answer)
-            .after(&pong_prefix(hop("gateway")))
+            .after(pong_prefix(hop("gateway")))
             .decode()
             .unwrap();
         let mut expected = answer;
@@ -186,8 +186,8 @@ mod tests {
             }),
         };
         let merged: SendResponse = Raw::encode(&answer)
-            .after(&pong_prefix(hop("relay")))
-            .after(&pong_prefix(hop("gateway")))
+            .after(pong_prefix(hop("relay")))
+            .after(pong_prefix(hop("gateway")))
             .decode()
             .unwrap();
         let pong = merged.pong.unwrap();
@@ -204,7 +204,7 @@ mod tests {
             hops: vec![hop("ping")],
         };
         let merged: CollectResponse = Raw::encode(&summary)
-            .after(&summary_prefix(hop("relay")))
+            .after(summary_prefix(hop("relay")))
             .decode()
             .unwrap();
         assert_eq!(merged.hops, vec![hop("relay"), hop("ping")]);
