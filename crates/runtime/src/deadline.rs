@@ -6,14 +6,14 @@
 
 use std::{
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use futures::Stream;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, metadata::MetadataMap};
 
 use crate::Drain;
@@ -83,6 +83,7 @@ pin_project! {
         sleep: Option<Sleep>,
         #[pin]
         drained: WaitForCancellationFutureOwned,
+        drain: CancellationToken,
         service: &'static str,
         done: bool,
     }
@@ -108,6 +109,7 @@ pub fn bounded<S>(
         inner,
         sleep: deadline.map(tokio::time::sleep_until),
         drained: drain.token().clone().cancelled_owned(),
+        drain: drain.token().clone(),
         service,
         done: false,
     }
@@ -124,28 +126,57 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        // Deadline and drain are checked before the inner stream: a stream that is always ready
-        // would otherwise never let them be polled.
-        if let Some(sleep) = this.sleep.as_mut().as_pin_mut()
-            && sleep.poll(cx).is_ready()
-        {
-            *this.done = true;
-            return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                "{}: deadline exceeded",
-                this.service
-            )))));
-        }
-        if this.drained.poll(cx).is_ready() {
-            *this.done = true;
-            return Poll::Ready(Some(Err(Status::unavailable(format!(
+        // A clock read and an atomic load per message; the timer and the drain are polled, which
+        // registers this task with them, only when the inner stream has to wait. A stream that
+        // is always ready is still ended on time.
+        let expired = this
+            .sleep
+            .as_ref()
+            .as_pin_ref()
+            .is_some_and(|sleep| sleep.deadline() <= Instant::now());
+        let end = if expired {
+            End::Deadline
+        } else if this.drain.is_cancelled() {
+            End::Drained
+        } else {
+            match this.inner.poll_next(cx) {
+                Poll::Ready(item) => {
+                    *this.done = item.is_none();
+                    return Poll::Ready(item);
+                }
+                Poll::Pending => {
+                    let timed_out = this
+                        .sleep
+                        .as_mut()
+                        .as_pin_mut()
+                        .is_some_and(|sleep| sleep.poll(cx).is_ready());
+                    if timed_out {
+                        End::Deadline
+                    } else if this.drained.poll(cx).is_ready() {
+                        End::Drained
+                    } else {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        };
+        *this.done = true;
+        Poll::Ready(Some(Err(match end {
+            End::Deadline => {
+                Status::deadline_exceeded(format!("{}: deadline exceeded", this.service))
+            }
+            End::Drained => Status::unavailable(format!(
                 "{}: shutting down, stream ended; retry on another instance",
                 this.service
-            )))));
-        }
-        let item = ready!(this.inner.poll_next(cx));
-        *this.done = item.is_none();
-        Poll::Ready(item)
+            )),
+        })))
     }
+}
+
+/// Why a bounded stream ended early.
+enum End {
+    Deadline,
+    Drained,
 }
 
 #[cfg(test)]
@@ -214,6 +245,18 @@ mod tests {
         tokio::time::advance(Duration::from_millis(10)).await;
         let status = s.next().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    }
+
+    #[tokio::test]
+    async fn an_always_ready_stream_still_ends_when_the_service_drains() {
+        let drain = Drain::default();
+        let flood = futures::stream::repeat_with(|| Ok::<_, Status>(()));
+        let mut s = Box::pin(bounded(flood, None, &drain, "relay"));
+        assert!(s.next().await.unwrap().is_ok());
+        drain.start();
+        let status = s.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(s.next().await.is_none());
     }
 
     #[tokio::test]
