@@ -14,11 +14,7 @@ use futures::{Stream, StreamExt, stream};
 use runmesh_auth::Caller;
 use runmesh_proto::{
     ping::v1::Hop,
-    raw::{
-        Raw,
-        ping_service::{ping_service_client::PingServiceClient, ping_service_server::PingService},
-        pong_prefix, summary_prefix,
-    },
+    raw::{Raw, ping_service::ping_service_server::PingService, pong_prefix, summary_prefix},
 };
 use runmesh_runtime::{
     Drain,
@@ -31,7 +27,7 @@ use tracing::Instrument;
 
 use crate::{
     Config, ForwardError,
-    upstream::{Upstream, UpstreamChannel},
+    upstream::{Grpc, Messages, Upstream},
 };
 
 /// Metadata passed on upstream as it came. Never `authorization`; `traceparent`/`tracestate`
@@ -40,6 +36,12 @@ const FORWARDED: [&str; 2] = ["x-cloud-trace-context", "x-request-id"];
 
 /// The service part of every method path, for span names.
 const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
+
+/// The upstream path of each method.
+const SEND: &str = "/runmesh.ping.v1.PingService/Send";
+const SEND_STREAM: &str = "/runmesh.ping.v1.PingService/SendStream";
+const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
+const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
 
 type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;
 
@@ -74,10 +76,8 @@ impl Forwarder {
     }
 
     /// A client on the next upstream connection.
-    fn client(&self) -> PingServiceClient<UpstreamChannel> {
-        PingServiceClient::new(self.upstream.pick())
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size)
+    fn client(&self) -> Grpc {
+        Grpc::new(self.upstream.pick(), self.max_message_size)
     }
 
     fn my_hop<T>(&self, request: &Request<T>) -> Hop {
@@ -126,17 +126,16 @@ impl Forwarder {
         &self,
         deadline: Option<Instant>,
         client: &ClientCall,
-        call: impl Future<Output = Result<Response<T>, Status>>,
+        call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let call = call.instrument(client.span().clone());
-        let result = match deadline {
+        match deadline {
             Some(d) => match tokio::time::timeout_at(d, call).await {
                 Ok(r) => r,
                 Err(_) => Err(self.deadline_error()),
             },
             None => call.await,
-        };
-        result.map(Response::into_inner)
+        }
     }
 
     /// Runs `call` once, mapping failures at this hop; a stream's client span ends with the
@@ -145,7 +144,7 @@ impl Forwarder {
         &self,
         deadline: Option<Instant>,
         client: &mut ClientCall,
-        call: impl Future<Output = Result<Response<T>, Status>>,
+        call: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let result = self
             .attempt(deadline, client, call)
@@ -171,7 +170,7 @@ impl Forwarder {
     where
         M: Clone,
         F: FnMut(Request<M>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
+        Fut: Future<Output = Result<T, Status>>,
     {
         let mut client = ClientCall::start(SERVICE, method, &self.upstream_url);
         let request = self.upstream(metadata, deadline, &client, message.clone());
@@ -201,7 +200,7 @@ impl Forwarder {
     /// The upstream response stream with this hop prepended, bounded by deadline and drain.
     fn pongs(
         &self,
-        upstream: Streaming<Raw>,
+        upstream: Messages,
         client: ClientCall,
         prefix: Bytes,
         deadline: Option<Instant>,
@@ -292,7 +291,7 @@ impl PingService for Forwarder {
         let (res, mut span) = self
             .call_retrying(&metadata, deadline, "Send", message, |req| {
                 let mut client = self.client();
-                async move { client.send(req).await }
+                async move { client.unary(SEND, req).await }
             })
             .await?;
         span.finish(tonic::Code::Ok);
@@ -311,7 +310,11 @@ impl PingService for Forwarder {
         let (pongs, span) = self
             .call_retrying(&metadata, deadline, "SendStream", message, |req| {
                 let mut client = self.client();
-                async move { client.send_stream(req).await }
+                async move {
+                    client
+                        .streaming(SEND_STREAM, req.map(|m| stream::once(async { m })))
+                        .await
+                }
             })
             .await?;
         Ok(Response::new(self.pongs(
@@ -332,7 +335,11 @@ impl PingService for Forwarder {
         let upstream = self.upstream(&metadata, deadline, &span, outbound);
         let mut client = self.client();
         let summary = {
-            let call = self.call(deadline, &mut span, client.collect(upstream));
+            let call = self.call(
+                deadline,
+                &mut span,
+                client.client_streaming(COLLECT, upstream),
+            );
             tokio::pin!(call);
             tokio::select! {
                 res = &mut call => res?,
@@ -357,7 +364,7 @@ impl PingService for Forwarder {
         let upstream = self.upstream(&metadata, deadline, &span, outbound);
         let mut client = self.client();
         let pongs = self
-            .call(deadline, &mut span, client.chat(upstream))
+            .call(deadline, &mut span, client.streaming(CHAT, upstream))
             .await?;
         Ok(Response::new(self.pongs(
             pongs,

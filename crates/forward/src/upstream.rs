@@ -24,8 +24,10 @@ use tower::{BoxError, Layer};
 use crate::Config;
 
 mod connection;
+mod grpc;
 
 pub use connection::{Connection, ResponseBody, Target, TransportError};
+pub use grpc::{Grpc, Messages};
 
 /// The upstream connection with this hop's ID token added to every call.
 pub type UpstreamChannel = IdToken<Connection>;

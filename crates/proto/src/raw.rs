@@ -46,6 +46,17 @@ impl Raw {
         M::decode(self.head.clone().chain(self.body.clone()))
     }
 
+    /// The message's length on the wire.
+    pub fn encoded_len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Writes the message, its merged prefix first, into `dst`.
+    pub fn write(&self, dst: &mut impl BufMut) {
+        dst.put_slice(&self.head);
+        dst.put_slice(&self.body);
+    }
+
     /// This message with `head` merged in front: `head`'s repeated fields come first.
     pub fn after(self, head: Bytes) -> Self {
         let head = if self.head.is_empty() {
@@ -110,9 +121,8 @@ impl Encoder for RawCodec {
     type Error = Status;
 
     fn encode(&mut self, item: Raw, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.head.len() + item.body.len());
-        dst.put_slice(&item.head);
-        dst.put_slice(&item.body);
+        dst.reserve(item.encoded_len());
+        item.write(dst);
         Ok(())
     }
 }
