@@ -51,6 +51,10 @@ fn raw_service(out: &std::path::Path) -> std::io::Result<()> {
                 .build(),
         )
         .build();
-    Builder::new().out_dir(out).compile(&[service]);
+    // Hops serve these; they call upstream with their own client (`runmesh-forward`).
+    Builder::new()
+        .build_client(false)
+        .out_dir(out)
+        .compile(&[service]);
     Ok(())
 }

@@ -136,7 +136,7 @@ impl Decoder for RawCodec {
     }
 }
 
-/// The generated client and server of `PingService` over [`Raw`] messages.
+/// The generated server of `PingService` over [`Raw`] messages.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod ping_service {
     include!(concat!(
