@@ -310,11 +310,7 @@ impl PingService for Forwarder {
         let (pongs, span) = self
             .call_retrying(&metadata, deadline, "SendStream", message, |req| {
                 let mut client = self.client();
-                async move {
-                    client
-                        .streaming(SEND_STREAM, req.map(|m| stream::once(async { m })))
-                        .await
-                }
+                async move { client.server_streaming(SEND_STREAM, req).await }
             })
             .await?;
         Ok(Response::new(self.pongs(

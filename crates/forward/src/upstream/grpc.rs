@@ -60,6 +60,16 @@ impl Grpc {
         self.client_streaming(path, request).await
     }
 
+    /// One request message; answer messages as they arrive.
+    pub async fn server_streaming(
+        &mut self,
+        path: &'static str,
+        request: Request<Raw>,
+    ) -> Result<Messages, Status> {
+        let request = request.map(|message| futures::stream::once(async { message }));
+        self.streaming(path, request).await
+    }
+
     /// Request messages as `request` yields them, one answer.
     pub async fn client_streaming<S>(
         &mut self,
