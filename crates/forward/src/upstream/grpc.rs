@@ -454,6 +454,56 @@ mod tests {
         assert!(err.message().contains("flag: 7"), "{err:?}");
     }
 
+    /// The answer's status, read to the end of a body that sent no message.
+    async fn status_of(response: http::Response<ResponseBody>) -> Result<(), Status> {
+        let mut messages = Messages::from_response(response, 64)?;
+        match messages.next().await {
+            None => Ok(()),
+            Some(Err(status)) => Err(status),
+            Some(Ok(m)) => panic!("no message was sent: {m:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_grpc_status_gets_grpcs_code_for_its_http_status() {
+        let answer = |status: u16| {
+            http::Response::builder()
+                .status(status)
+                .body(ResponseBody::default())
+                .unwrap()
+        };
+        for (http, code) in [
+            (400, Code::Internal),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::Unimplemented),
+            (429, Code::Unavailable),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::Unavailable),
+            (500, Code::Unknown),
+            (200, Code::Unknown),
+        ] {
+            let err = status_of(answer(http)).await.unwrap_err();
+            assert_eq!(err.code(), code, "HTTP {http}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_answer_is_its_status() {
+        let answer = |code: &'static str| {
+            http::Response::builder()
+                .header("grpc-status", code)
+                .header("grpc-message", "from upstream")
+                .body(ResponseBody::default())
+                .unwrap()
+        };
+        let err = status_of(answer("7")).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(err.message(), "from upstream");
+        assert!(status_of(answer("0")).await.is_ok());
+    }
+
     #[test]
     fn a_body_cut_inside_a_message_holds_a_partial() {
         let stream = frame(b"truncated");
