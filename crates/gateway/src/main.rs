@@ -4,12 +4,10 @@ use std::process::ExitCode;
 
 use runmesh_forward::{Config, Role};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     runmesh_runtime::run(
         "gateway",
         |env| Config::from_env(Role::Gateway, env),
         runmesh_forward::serve,
     )
-    .await
 }

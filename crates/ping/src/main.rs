@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    runmesh_runtime::run("ping", runmesh_ping::Config::from_env, runmesh_ping::serve).await
+fn main() -> ExitCode {
+    runmesh_runtime::run("ping", runmesh_ping::Config::from_env, runmesh_ping::serve)
 }

@@ -4,12 +4,10 @@ use std::process::ExitCode;
 
 use runmesh_forward::{Config, Role};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     runmesh_runtime::run(
         "relay",
         |env| Config::from_env(Role::Relay, env),
         runmesh_forward::serve,
     )
-    .await
 }

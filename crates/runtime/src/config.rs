@@ -1,6 +1,6 @@
 //! Settings every service shares, read from the environment Cloud Run gives a container.
 
-use std::time::Duration;
+use std::{num::NonZeroUsize, time::Duration};
 
 use runmesh_config::{ConfigError, Env, choice, duration_or, parse_or};
 
@@ -32,6 +32,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// `MAX_CONCURRENT_STREAMS`: HTTP/2 streams per connection the server advertises.
     pub max_concurrent_streams: u32,
+    /// `WORKER_THREADS`: threads serving calls (default: one per core this process may use).
+    /// Match it to the CPUs the instance gets: a worker more than there are cores to run it
+    /// wakes and hands calls to the others for nothing (`README.md`, Performance).
+    pub worker_threads: NonZeroUsize,
 }
 
 impl ServerConfig {
@@ -71,7 +75,10 @@ impl ServerConfig {
         if max_concurrent_streams == 0 {
             return Err(zero(env, "MAX_CONCURRENT_STREAMS"));
         }
+        let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        let worker_threads = parse_or(env, "WORKER_THREADS", cores)?;
         Ok(Self {
+            worker_threads,
             max_in_flight,
             max_concurrent_streams,
             host,
@@ -99,6 +106,24 @@ mod tests {
         assert_eq!(c.grace, Duration::from_secs(10));
         assert_eq!(c.max_message_size, 4 * 1024 * 1024);
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            c.worker_threads,
+            std::thread::available_parallelism().unwrap()
+        );
+    }
+
+    #[test]
+    fn worker_threads_are_a_positive_count() {
+        let c = ServerConfig::from_env(&[("WORKER_THREADS", "1")]).unwrap();
+        assert_eq!(c.worker_threads.get(), 1);
+        for bad in ["0", "-2", "all"] {
+            let err = ServerConfig::from_env(&[("WORKER_THREADS", bad)]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("WORKER_THREADS={bad:?} is invalid")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

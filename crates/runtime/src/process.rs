@@ -23,8 +23,9 @@ pub trait ServiceConfig {
 
 /// Runs a service binary: `healthcheck` subcommand, config, logs, bind, serve until SIGTERM.
 ///
-/// `serve` receives the parsed config, the bound listener and the shutdown future.
-pub async fn run<C, F, Fut>(
+/// `serve` receives the parsed config, the bound listener and the shutdown future. The runtime
+/// is built here, once the config says how many worker threads it gets (`WORKER_THREADS`).
+pub fn run<C, F, Fut>(
     service: &'static str,
     parse: fn(&ProcessEnv) -> Result<C, ConfigError>,
     serve: F,
@@ -38,7 +39,15 @@ where
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         None => {}
-        Some("healthcheck") => return healthcheck(service).await,
+        Some("healthcheck") => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            return match runtime {
+                Ok(runtime) => runtime.block_on(healthcheck(service)),
+                Err(e) => runtime_error(service, &e),
+            };
+        }
         Some(other) => {
             eprintln!("{service}: unknown argument {other:?}; usage: {service} [healthcheck]");
             return ExitCode::from(EX_USAGE);
@@ -51,25 +60,42 @@ where
             return ExitCode::from(EX_USAGE);
         }
     };
-    let telemetry =
-        telemetry::init(config.server().log_format, config.identity(), &ProcessEnv).await;
-    let listener = match crate::serve::bind(config.server()).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(port = config.server().port, error = %e, "cannot listen");
-            return ExitCode::FAILURE;
-        }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server().worker_threads.get())
+        // Named for `top -H` and perf; tokio's blocking threads share the name.
+        .thread_name(format!("{service}-worker"))
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return runtime_error(service, &e),
     };
-    let code = match serve(config, listener, Box::pin(shutdown_signal())).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "server failed");
-            ExitCode::FAILURE
-        }
-    };
-    // Spans of the last calls are flushed before the process exits.
-    telemetry.shutdown().await;
-    code
+    runtime.block_on(async {
+        let telemetry =
+            telemetry::init(config.server().log_format, config.identity(), &ProcessEnv).await;
+        let listener = match crate::serve::bind(config.server()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(port = config.server().port, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        let code = match serve(config, listener, Box::pin(shutdown_signal())).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        };
+        // Spans of the last calls are flushed before the process exits.
+        telemetry.shutdown().await;
+        code
+    })
+}
+
+fn runtime_error(service: &str, e: &std::io::Error) -> ExitCode {
+    eprintln!("{service}: cannot start the async runtime: {e}");
+    ExitCode::FAILURE
 }
 
 /// Checks `grpc.health.v1.Health` on `127.0.0.1:$PORT`: the images carry no `grpc_health_probe`.

@@ -497,3 +497,33 @@ async fn upstream_connections_multiply_the_streams_an_upstream_allows_per_connec
     let held = streams_relay_holds_open(3, 6, Duration::from_secs(10)).await;
     assert_eq!(held, 6);
 }
+
+/// Names of `pid`'s threads, as the kernel reports them (15 bytes at most).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn worker_threads_sets_how_many_threads_serve_calls() {
+    let mut counts = Vec::new();
+    for workers in ["1", "3"] {
+        let ping = Service::start(
+            "ping",
+            &[
+                ("AUTH_MODE", "off".into()),
+                ("WORKER_THREADS", workers.into()),
+            ],
+        )
+        .await;
+        ping.client().await.send(unary()).await.unwrap();
+        let names = thread_names(ping.proc.pid().unwrap());
+        counts.push(names.iter().filter(|n| *n == "ping-worker").count());
+    }
+    // Any blocking-pool threads are the same in both runs; only the workers differ.
+    assert!(counts[0] >= 1, "{counts:?}");
+    assert_eq!(counts[1], counts[0] + 2, "{counts:?}");
+}
