@@ -79,6 +79,12 @@ struct Args {
     /// Leave out the runs with h2load as the client.
     #[arg(long)]
     no_h2load: bool,
+    /// Threads each service runs its calls on: `WORKER_THREADS` for ping, relay and gateway,
+    /// worker processes for nginx. One is what a Cloud Run instance
+    /// of the manifests (`cpu: "1"`) has; here, more than one lets three services and the
+    /// client contend for two cores, which costs every process wake-ups and context switches.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
     /// Extra `KEY=VALUE` environment for ping, relay and gateway (not nginx, not the client),
     /// e.g. `LD_PRELOAD=…` to try an allocator or `MAX_CONCURRENT_STREAMS=2000`; repeatable.
     #[arg(long = "service-env", value_parser = parse_env)]
@@ -266,6 +272,7 @@ impl Harness {
         env: &[(&str, String)],
     ) -> Result<(Proc, Duration), String> {
         let mut cmd = service_cmd(&self.bin(name)?, port, env);
+        cmd.env("WORKER_THREADS", self.args.workers.to_string());
         cmd.envs(self.args.service_env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(name, cmd, &self.logs, "TERM")?;
         let took = proc.wait_serving(port, START_TIMEOUT).await?;
@@ -363,14 +370,13 @@ impl Harness {
 
         if let Some(nginx_bin) = nginx_bin {
             let port = free_port()?;
-            let workers = std::thread::available_parallelism().map_or(2, usize::from);
             let mut proc = nginx::start(
                 nginx_bin,
                 &self.out.join("nginx"),
                 &self.logs,
                 port,
                 ping_port,
-                workers,
+                self.args.workers.into(),
             )?;
             // Health passes through nginx to ping: SERVING means the whole hop works.
             let took = proc.wait_serving(port, START_TIMEOUT).await?;
@@ -730,6 +736,7 @@ impl Harness {
         settings.insert("concurrency", a.concurrency.into());
         settings.insert("open_streams", a.streams.into());
         settings.insert("smoke", a.smoke.into());
+        settings.insert("workers", a.workers.into());
         settings.insert(
             "service_env",
             a.service_env
@@ -829,15 +836,22 @@ async fn main() -> ExitCode {
         args.streams = args.streams.min(100);
     }
     let root = workspace_root();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| root.join("target/bench"));
+    // nginx resolves paths against its prefix, so a relative `--out` would be taken twice.
+    let absolute = |dir: Option<&PathBuf>, default: &str| {
+        dir.map_or_else(|| Ok(root.join(default)), std::path::absolute)
+    };
+    let (out, bin_dir) = match (
+        absolute(args.out.as_ref(), "target/bench"),
+        absolute(args.bin_dir.as_ref(), "target/release"),
+    ) {
+        (Ok(out), Ok(bin_dir)) => (out, bin_dir),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("runmesh-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let harness = Harness {
-        bin_dir: args
-            .bin_dir
-            .clone()
-            .unwrap_or_else(|| root.join("target/release")),
+        bin_dir,
         logs: out.join("logs"),
         out,
         args,
@@ -854,6 +868,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    println!(
+        "\nthreads per service: {} (WORKER_THREADS; nginx worker_processes)",
+        harness.args.workers
+    );
     print!(
         "{}",
         report::table(&results.runs, &results.latency_1x1, &results.services)
