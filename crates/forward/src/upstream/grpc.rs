@@ -15,6 +15,10 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use base64::{
+    Engine, alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http::{
@@ -189,9 +193,11 @@ impl Messages {
         max_message_size: usize,
     ) -> Result<Self, Status> {
         let (parts, body) = response.into_parts();
-        let trailers_only = match Status::from_header_map(&parts.headers) {
-            Some(status) if status.code() != Code::Ok => return Err(status),
-            Some(_) => true,
+        let trailers_only = match status_in(&parts.headers) {
+            Some(status) => {
+                status?;
+                true
+            }
             None => false,
         };
         Ok(Self {
@@ -209,12 +215,8 @@ impl Messages {
         if self.cut.holds_partial() {
             return Err(Status::internal("Unexpected EOF decoding stream."));
         }
-        if let Some(status) = self.trailers.as_ref().and_then(Status::from_header_map) {
-            return if status.code() == Code::Ok {
-                Ok(())
-            } else {
-                Err(status)
-            };
+        if let Some(status) = self.trailers.as_ref().and_then(status_in) {
+            return status;
         }
         let code = match self.http_status {
             StatusCode::OK => {
@@ -241,6 +243,34 @@ impl Messages {
         ))
     }
 }
+
+/// The status `headers` carry, if any. OK, nearly every call's, is read without building a
+/// [`Status`] (tonic's reader copies the whole map for its metadata). tonic's reader also panics
+/// on details that are not base64: from an upstream they are a protocol error, `INTERNAL` as
+/// grpc-go has it, and this hop carries on.
+fn status_in(headers: &HeaderMap) -> Option<Result<(), Status>> {
+    let code = headers.get(Status::GRPC_STATUS)?;
+    if code == "0" {
+        return Some(Ok(()));
+    }
+    if let Some(details) = headers.get(Status::GRPC_STATUS_DETAILS)
+        && let Err(e) = DETAILS.decode(details.as_bytes())
+    {
+        return Some(Err(Status::internal(format!(
+            "malformed grpc-status-details-bin from upstream: {e}"
+        ))));
+    }
+    match Status::from_header_map(headers) {
+        Some(status) if status.code() == Code::Ok => Some(Ok(())),
+        status => status.map(Err),
+    }
+}
+
+/// How tonic decodes `grpc-status-details-bin`: standard alphabet, padding optional.
+const DETAILS: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 impl Stream for Messages {
     type Item = Result<Raw, Status>;
@@ -502,6 +532,31 @@ mod tests {
         assert_eq!(err.code(), Code::PermissionDenied);
         assert_eq!(err.message(), "from upstream");
         assert!(status_of(answer("0")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn status_details_are_kept_and_malformed_ones_are_internal_not_a_panic() {
+        let answer = |details: &'static str| {
+            http::Response::builder()
+                .header("grpc-status", "9")
+                .header("grpc-message", "from upstream")
+                .header("grpc-status-details-bin", details)
+                .body(ResponseBody::default())
+                .unwrap()
+        };
+        for details in ["CAk", "CAk="] {
+            let err = status_of(answer(details)).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{details}");
+            assert_eq!(err.details(), b"\x08\x09", "{details}");
+        }
+        let err = status_of(answer("not base64!")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(
+            err.message()
+                .starts_with("malformed grpc-status-details-bin from upstream"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
