@@ -80,9 +80,9 @@ struct Args {
     #[arg(long)]
     no_h2load: bool,
     /// Threads each service runs its calls on: `WORKER_THREADS` for ping, relay and gateway,
-    /// worker processes for nginx. One is what a Cloud Run instance
-    /// of the manifests (`cpu: "1"`) has; here, more than one lets three services and the
-    /// client contend for two cores, which costs every process wake-ups and context switches.
+    /// worker processes for nginx. One is what a Cloud Run instance of the manifests (`cpu:
+    /// "1"`) has; here, more than one lets three services and the client contend for two cores,
+    /// which costs every process wake-ups and context switches.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     workers: u16,
     /// Extra `KEY=VALUE` environment for ping, relay and gateway (not nginx, not the client),
