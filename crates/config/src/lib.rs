@@ -8,6 +8,7 @@ use std::{
     cell::RefCell,
     collections::{BTreeSet, HashMap},
     fmt,
+    num::NonZeroUsize,
     str::FromStr,
     time::Duration,
 };
@@ -140,6 +141,13 @@ where
             .parse()
             .map_err(|e| ConfigError::invalid(var, v, e)),
     }
+}
+
+/// `var` as a positive count, or one per core this process may use (its CPU quota, where the
+/// container has one) when unset.
+pub fn count_or_cores(env: &impl Env, var: &'static str) -> Result<NonZeroUsize, ConfigError> {
+    let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    parse_or(env, var, cores)
 }
 
 /// `var` as a human duration (`10s`, `250ms`, `1m`), or `default` when unset.

@@ -17,7 +17,7 @@ pub mod upstream;
 use std::{future::Future, num::NonZeroUsize};
 
 use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
-use runmesh_config::{ConfigError, Env, http_url, parse_or};
+use runmesh_config::{ConfigError, Env, count_or_cores, http_url};
 use runmesh_proto::raw::ping_service::ping_service_server::PingServiceServer;
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
@@ -69,8 +69,7 @@ impl Config {
     /// Reads the config of a `role` hop; errors name the variable and the bad value.
     pub fn from_env(role: Role, env: &impl Env) -> Result<Self, ConfigError> {
         let upstream_url = http_url(env, "UPSTREAM_URL")?;
-        let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-        let upstream_connections = parse_or(env, "UPSTREAM_CONNECTIONS", cores)?;
+        let upstream_connections = count_or_cores(env, "UPSTREAM_CONNECTIONS")?;
         Ok(Self {
             upstream_connections,
             role,

@@ -2,7 +2,7 @@
 
 use std::{num::NonZeroUsize, time::Duration};
 
-use runmesh_config::{ConfigError, Env, choice, duration_or, parse_or};
+use runmesh_config::{ConfigError, Env, choice, count_or_cores, duration_or, parse_or};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +75,7 @@ impl ServerConfig {
         if max_concurrent_streams == 0 {
             return Err(zero(env, "MAX_CONCURRENT_STREAMS"));
         }
-        let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-        let worker_threads = parse_or(env, "WORKER_THREADS", cores)?;
+        let worker_threads = count_or_cores(env, "WORKER_THREADS")?;
         Ok(Self {
             worker_threads,
             max_in_flight,
