@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt, stream};
 use runmesh_auth::Caller;
 use runmesh_proto::{
     ping::v1::Hop,
-    raw::{Raw, ping_service::ping_service_server::PingService, pong_prefix, summary_prefix},
+    raw::{Raw, pong_prefix, summary_prefix},
 };
 use runmesh_runtime::{
     Drain,
@@ -22,11 +22,12 @@ use runmesh_runtime::{
     observe::ClientCall,
 };
 use tokio::{sync::oneshot, time::Instant};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
 use crate::{
     Config, ForwardError,
+    server::Inbound,
     upstream::{Grpc, Messages, Upstream},
 };
 
@@ -37,15 +38,16 @@ const FORWARDED: [&str; 2] = ["x-cloud-trace-context", "x-request-id"];
 /// The service part of every method path, for span names.
 const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
 
-/// The upstream path of each method.
-const SEND: &str = "/runmesh.ping.v1.PingService/Send";
-const SEND_STREAM: &str = "/runmesh.ping.v1.PingService/SendStream";
-const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
-const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
+/// The path of each method, as served and as called upstream.
+pub(crate) const SEND: &str = "/runmesh.ping.v1.PingService/Send";
+pub(crate) const SEND_STREAM: &str = "/runmesh.ping.v1.PingService/SendStream";
+pub(crate) const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
+pub(crate) const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
 
-type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;
+/// The answers of a streaming method, this hop already in each one's trail.
+pub(crate) type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;
 
-/// `PingService` answered by calling the same method upstream.
+/// `PingService` answered by calling the same method upstream; [`crate::server`] serves it.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     hop: &'static str,
@@ -224,18 +226,18 @@ impl Forwarder {
 /// like a clean half-close upstream (ping would answer as if all was sent): the stream stalls
 /// instead, and the status goes to the returned receiver, whose handler then drops the call.
 fn inbound(
-    pings: Streaming<Raw>,
+    pings: Inbound,
 ) -> (
     impl Stream<Item = Raw> + Send + 'static,
     oneshot::Receiver<Status>,
 ) {
     let (tx, rx) = oneshot::channel();
     let stream = stream::unfold((pings, Some(tx)), |(mut pings, tx)| async move {
-        match pings.message().await {
-            Ok(Some(ping)) => Some((ping, (pings, tx))),
+        match pings.next().await {
+            Some(Ok(ping)) => Some((ping, (pings, tx))),
             // The caller half-closed: upstream sees END_STREAM.
-            Ok(None) => None,
-            Err(status) => {
+            None => None,
+            Some(Err(status)) => {
                 if let Some(tx) = tx {
                     let _ = tx.send(status);
                 }
@@ -282,9 +284,9 @@ fn end_on_inbound_failure(
     })
 }
 
-#[tonic::async_trait]
-impl PingService for Forwarder {
-    async fn send(&self, request: Request<Raw>) -> Result<Response<Raw>, Status> {
+/// The four methods, as [`crate::server`] calls them once the request is read.
+impl Forwarder {
+    pub(crate) async fn send(&self, request: Request<Raw>) -> Result<Raw, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
@@ -295,15 +297,10 @@ impl PingService for Forwarder {
             })
             .await?;
         span.finish(tonic::Code::Ok);
-        Ok(Response::new(res.after(pong_prefix(hop))))
+        Ok(res.after(pong_prefix(hop)))
     }
 
-    type SendStreamStream = PongStream;
-
-    async fn send_stream(
-        &self,
-        request: Request<Raw>,
-    ) -> Result<Response<Self::SendStreamStream>, Status> {
+    pub(crate) async fn send_stream(&self, request: Request<Raw>) -> Result<PongStream, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, message) = request.into_parts();
@@ -313,16 +310,10 @@ impl PingService for Forwarder {
                 async move { client.server_streaming(SEND_STREAM, req).await }
             })
             .await?;
-        Ok(Response::new(self.pongs(
-            pongs,
-            span,
-            pong_prefix(hop),
-            deadline,
-            None,
-        )))
+        Ok(self.pongs(pongs, span, pong_prefix(hop), deadline, None))
     }
 
-    async fn collect(&self, request: Request<Streaming<Raw>>) -> Result<Response<Raw>, Status> {
+    pub(crate) async fn collect(&self, request: Request<Inbound>) -> Result<Raw, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, pings) = request.into_parts();
@@ -343,15 +334,10 @@ impl PingService for Forwarder {
             }
         };
         span.finish(tonic::Code::Ok);
-        Ok(Response::new(summary.after(summary_prefix(hop))))
+        Ok(summary.after(summary_prefix(hop)))
     }
 
-    type ChatStream = PongStream;
-
-    async fn chat(
-        &self,
-        request: Request<Streaming<Raw>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
+    pub(crate) async fn chat(&self, request: Request<Inbound>) -> Result<PongStream, Status> {
         let deadline = deadline::deadline(request.metadata());
         let hop = self.my_hop(&request);
         let (metadata, _, pings) = request.into_parts();
@@ -362,12 +348,6 @@ impl PingService for Forwarder {
         let pongs = self
             .call(deadline, &mut span, client.streaming(CHAT, upstream))
             .await?;
-        Ok(Response::new(self.pongs(
-            pongs,
-            span,
-            pong_prefix(hop),
-            deadline,
-            Some(failed),
-        )))
+        Ok(self.pongs(pongs, span, pong_prefix(hop), deadline, Some(failed)))
     }
 }

@@ -6,25 +6,29 @@
 //!   keepalive), calls spread over them, with the ID-token layer on each.
 //! - [`Forwarder`]: the four RPCs, each message passed on as it arrives and as it was encoded,
 //!   with this hop prepended to every response's trail.
+//! - [`PingServer`]: serves the forwarder, reading and writing gRPC's framing itself (`framing`
+//!   holds it, shared with the upstream client).
 //! - [`ForwardError`]: the errors this hop raises itself, and their gRPC codes.
 //!
 //! relay and gateway differ only in [`Role`] and in the allow-lists their deploy gives them.
 
 mod error;
 mod forwarder;
+mod framing;
+mod server;
 pub mod upstream;
 
 use std::{future::Future, num::NonZeroUsize};
 
 use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
 use runmesh_config::{ConfigError, Env, count_or_cores, http_url};
-use runmesh_proto::raw::ping_service::ping_service_server::PingServiceServer;
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 pub use error::ForwardError;
 pub use forwarder::Forwarder;
+pub use server::PingServer;
 
 /// Which hop this process is; only the name in the hop trail and in error messages differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,13 +98,9 @@ impl ServiceConfig for Config {
 
 /// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].
 pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
-    let max = config.server.max_message_size;
-    let server = PingServiceServer::new(forwarder)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
     App {
         name: config.role.name(),
-        routes: Routes::new(server),
+        routes: Routes::new(PingServer::new(forwarder, config.server.max_message_size)),
         health_names: vec![runmesh_proto::PING_SERVICE_NAME],
         auth: ServerAuthLayer::new(&config.auth),
         drain,

@@ -1,8 +1,8 @@
 //! The `runmesh.ping.v1` API, generated from `protos/` at build time.
 //!
 //! Re-exports the exact `tonic` and `prost` versions the code was generated for, so every crate
-//! in the workspace stays in step with them. [`raw`] is the same service over messages left
-//! encoded, which the forwarding hops serve.
+//! in the workspace stays in step with them. [`raw`] is the messages left encoded, as the
+//! forwarding hops pass them on.
 
 pub use prost;
 pub use prost_types;

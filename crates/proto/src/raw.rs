@@ -7,14 +7,11 @@
 //! instructions per unary call, and more per streamed message as payloads grow.
 //!
 //! The wire contract is the same `runmesh.ping.v1.PingService`: reflection, the size limits and
-//! every client see no difference.
+//! every client see no difference. The hops frame these messages themselves (`runmesh-forward`),
+//! so there is no generated code for them.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
-use tonic::{
-    Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-};
 
 use crate::ping::v1::{CollectResponse, Hop, Pong, SendResponse};
 
@@ -94,55 +91,6 @@ pub fn summary_prefix(hop: Hop) -> Bytes {
         ..CollectResponse::default()
     };
     summary.encode_to_vec().into()
-}
-
-/// Passes [`Raw`] messages through tonic's framing: decoding takes the frame's bytes as they
-/// are, encoding copies head and body once into the outgoing frame.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Raw;
-    type Decode = Raw;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Raw;
-    type Error = Status;
-
-    fn encode(&mut self, item: Raw, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.encoded_len());
-        item.write(dst);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Raw;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Raw>, Status> {
-        Ok(Some(Raw::new(src.copy_to_bytes(src.remaining()))))
-    }
-}
-
-/// The generated server of `PingService` over [`Raw`] messages.
-#[allow(missing_docs, unreachable_pub, clippy::all)]
-pub mod ping_service {
-    include!(concat!(
-        env!("OUT_DIR"),
-        "/raw/runmesh.ping.v1.PingService.rs"
-    ));
 }
 
 #[cfg(test)]

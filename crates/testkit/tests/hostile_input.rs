@@ -3,7 +3,9 @@
 //! Each test starts a real ping process (auth off, so the junk reaches the gRPC layer, not the
 //! token check), hits it with one kind of hostile input through the `h2` crate or as raw bytes
 //! on a TCP socket, asserts the answer is a gRPC error status or a connection-level error, and
-//! then that ping still answers a normal call and never printed a panic.
+//! then that ping still answers a normal call and never printed a panic. A hop reads gRPC's
+//! framing itself (`runmesh-forward`), not through tonic as ping does, so every check of the
+//! framing is made of a relay in front of a ping as well, and must get the same answer.
 
 use std::{
     io::Cursor,
@@ -29,6 +31,8 @@ const MAX_MESSAGE: usize = 4096;
 /// ping's `MAX_CONCURRENT_STREAMS` here: small, so a flood crosses it.
 const MAX_STREAMS: u32 = 32;
 const SEND: &str = "/runmesh.ping.v1.PingService/Send";
+const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
+const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -45,6 +49,41 @@ async fn ping() -> Service {
         ],
     )
     .await
+}
+
+/// Where a framing check is sent: ping itself, or a relay in front of one.
+struct Target {
+    service: Service,
+    /// The relay's upstream, kept running as long as the relay.
+    _ping: Option<Service>,
+}
+
+/// ping, and a relay (same limits, auth off) in front of another ping.
+async fn ping_and_relay() -> [Target; 2] {
+    let upstream = ping().await;
+    let relay = Service::start(
+        "relay",
+        &[
+            ("AUTH_MODE", "off".into()),
+            ("UPSTREAM_AUTH", "off".into()),
+            (
+                "UPSTREAM_URL",
+                format!("http://127.0.0.1:{}", upstream.port),
+            ),
+            ("MAX_MESSAGE_SIZE", MAX_MESSAGE.to_string()),
+        ],
+    )
+    .await;
+    [
+        Target {
+            service: ping().await,
+            _ping: None,
+        },
+        Target {
+            service: relay,
+            _ping: Some(upstream),
+        },
+    ]
 }
 
 /// After the junk: a normal call still succeeds and nothing panicked.
@@ -195,84 +234,114 @@ async fn grpc_call(client: &H2Client, path: &str, body: Vec<u8>) -> Outcome {
 #[tokio::test]
 async fn a_valid_raw_call_is_answered_ok() {
     // The raw client itself is sound: the same path with a well-formed frame succeeds.
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    let message = send_request_bytes("raw");
-    let body = grpc_frame(false, message.len() as u32, &message);
-    let outcome = grpc_call(&client, SEND, body).await;
-    assert_eq!(outcome.code(), Some(Code::Ok), "{outcome:?}");
-    assert_still_serving(&service).await;
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("raw");
+        let body = grpc_frame(false, message.len() as u32, &message);
+        let outcome = grpc_call(&client, SEND, body).await;
+        assert_eq!(outcome.code(), Some(Code::Ok), "{outcome:?}");
+        assert_still_serving(service).await;
+    }
 }
 
 #[tokio::test]
 async fn a_length_prefix_longer_than_the_body_is_internal() {
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    let message = send_request_bytes("short");
-    let body = grpc_frame(false, message.len() as u32 + 100, &message);
-    let outcome = grpc_call(&client, SEND, body).await;
-    assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
-    // A frame cut inside its 5-byte prefix.
-    let outcome = grpc_call(&client, SEND, vec![0, 0, 0]).await;
-    assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
-    assert_still_serving(&service).await;
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("short");
+        let body = grpc_frame(false, message.len() as u32 + 100, &message);
+        let outcome = grpc_call(&client, SEND, body).await;
+        assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
+        // A frame cut inside its 5-byte prefix.
+        let outcome = grpc_call(&client, SEND, vec![0, 0, 0]).await;
+        assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
+        assert_still_serving(service).await;
+    }
 }
 
 #[tokio::test]
 async fn a_compressed_frame_without_grpc_encoding_is_internal() {
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    let message = send_request_bytes("squeezed");
-    let body = grpc_frame(true, message.len() as u32, &message);
-    let outcome = grpc_call(&client, SEND, body).await;
-    assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
-    // An unknown compression flag value is refused the same way.
-    let mut body = grpc_frame(false, message.len() as u32, &message);
-    body[0] = 7;
-    let outcome = grpc_call(&client, SEND, body).await;
-    assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
-    assert_still_serving(&service).await;
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("squeezed");
+        let body = grpc_frame(true, message.len() as u32, &message);
+        let outcome = grpc_call(&client, SEND, body).await;
+        assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
+        // An unknown compression flag value is refused the same way.
+        let mut body = grpc_frame(false, message.len() as u32, &message);
+        body[0] = 7;
+        let outcome = grpc_call(&client, SEND, body).await;
+        assert_eq!(outcome.code(), Some(Code::Internal), "{outcome:?}");
+        assert_still_serving(service).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broken_frame_inside_a_request_stream_is_internal() {
+    // Good messages first: the hop has already passed them on when the broken one arrives, and
+    // must fail the call rather than let upstream see a clean end of the stream.
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("fine");
+        let mut body = grpc_frame(false, message.len() as u32, &message);
+        body.extend(grpc_frame(false, message.len() as u32, &message));
+        body.extend(grpc_frame(true, message.len() as u32, &message));
+        for path in [COLLECT, CHAT] {
+            let outcome = grpc_call(&client, path, body.clone()).await;
+            assert_eq!(outcome.code(), Some(Code::Internal), "{path}: {outcome:?}");
+        }
+        // Cut inside a message: the stream's end is not a clean half-close either.
+        let mut body = grpc_frame(false, message.len() as u32, &message);
+        body.extend(grpc_frame(false, 100, &message));
+        for path in [COLLECT, CHAT] {
+            let outcome = grpc_call(&client, path, body.clone()).await;
+            assert_eq!(outcome.code(), Some(Code::Internal), "{path}: {outcome:?}");
+        }
+        assert_still_serving(service).await;
+    }
 }
 
 #[tokio::test]
 async fn an_unsupported_grpc_encoding_is_unimplemented() {
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    let message = send_request_bytes("zipped");
-    let body = grpc_frame(true, message.len() as u32, &message);
-    let headers = [
-        ("content-type", "application/grpc"),
-        ("grpc-encoding", "snappy-but-not-really"),
-    ];
-    let outcome = call(&client, SEND, &headers, body).await;
-    assert_eq!(outcome.code(), Some(Code::Unimplemented), "{outcome:?}");
-    assert_still_serving(&service).await;
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("zipped");
+        let body = grpc_frame(true, message.len() as u32, &message);
+        let headers = [
+            ("content-type", "application/grpc"),
+            ("grpc-encoding", "snappy-but-not-really"),
+        ];
+        let outcome = call(&client, SEND, &headers, body).await;
+        assert_eq!(outcome.code(), Some(Code::Unimplemented), "{outcome:?}");
+        assert_still_serving(service).await;
+    }
 }
 
 #[tokio::test]
 async fn a_length_prefix_over_the_message_limit_is_resource_exhausted() {
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    // Claims 4 GiB, sends a few bytes: refused on the prefix alone, nothing buffered.
-    let outcome = grpc_call(&client, SEND, grpc_frame(false, u32::MAX, b"tiny")).await;
-    assert_eq!(outcome.code(), Some(Code::ResourceExhausted), "{outcome:?}");
-    let Outcome::Grpc { message, .. } = &outcome else {
-        unreachable!()
-    };
-    assert!(
-        message.contains(&MAX_MESSAGE.to_string()),
-        "names the limit: {message}"
-    );
-    // One byte over the limit, all of it sent.
-    let payload = vec![b'x'; MAX_MESSAGE + 1];
-    let outcome = grpc_call(
-        &client,
-        SEND,
-        grpc_frame(false, payload.len() as u32, &payload),
-    )
-    .await;
-    assert_eq!(outcome.code(), Some(Code::ResourceExhausted), "{outcome:?}");
-    assert_still_serving(&service).await;
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        // Claims 4 GiB, sends a few bytes: refused on the prefix alone, nothing buffered.
+        let outcome = grpc_call(&client, SEND, grpc_frame(false, u32::MAX, b"tiny")).await;
+        assert_eq!(outcome.code(), Some(Code::ResourceExhausted), "{outcome:?}");
+        let Outcome::Grpc { message, .. } = &outcome else {
+            unreachable!()
+        };
+        assert!(
+            message.contains(&MAX_MESSAGE.to_string()),
+            "names the limit: {message}"
+        );
+        // One byte over the limit, all of it sent.
+        let payload = vec![b'x'; MAX_MESSAGE + 1];
+        let outcome = grpc_call(
+            &client,
+            SEND,
+            grpc_frame(false, payload.len() as u32, &payload),
+        )
+        .await;
+        assert_eq!(outcome.code(), Some(Code::ResourceExhausted), "{outcome:?}");
+        assert_still_serving(service).await;
+    }
 }
 
 #[tokio::test]
@@ -375,25 +444,26 @@ async fn a_non_grpc_content_type_is_refused() {
 
 #[tokio::test]
 async fn an_unknown_method_or_service_is_unimplemented() {
-    let service = ping().await;
-    let client = h2_connect(&service).await;
-    let message = send_request_bytes("who?");
-    for path in [
-        "/runmesh.ping.v1.PingService/Nope",
-        "/runmesh.ping.v9.PingService/Send",
-        "/",
-        "/a/b/c",
-        "/%00%ff",
-    ] {
-        let body = grpc_frame(false, message.len() as u32, &message);
-        let outcome = grpc_call(&client, path, body).await;
-        assert_eq!(
-            outcome.code(),
-            Some(Code::Unimplemented),
-            "{path}: {outcome:?}"
-        );
+    for Target { service, .. } in &ping_and_relay().await {
+        let client = h2_connect(service).await;
+        let message = send_request_bytes("who?");
+        for path in [
+            "/runmesh.ping.v1.PingService/Nope",
+            "/runmesh.ping.v9.PingService/Send",
+            "/",
+            "/a/b/c",
+            "/%00%ff",
+        ] {
+            let body = grpc_frame(false, message.len() as u32, &message);
+            let outcome = grpc_call(&client, path, body).await;
+            assert_eq!(
+                outcome.code(),
+                Some(Code::Unimplemented),
+                "{path}: {outcome:?}"
+            );
+        }
+        assert_still_serving(service).await;
     }
-    assert_still_serving(&service).await;
 }
 
 /// One HTTP/2 frame.

@@ -5,7 +5,8 @@
 //! no message, so here request messages are framed as they come, and answer messages are cut out
 //! of the DATA chunks they arrived in: copied only when one spans two chunks. Leaving tonic's
 //! client took a relay from 6.4 k to 4.4 k instructions per streamed 1 KiB message, and from
-//! 115 k to 108 k per unary call (callgrind; `docs/profiling.md`).
+//! 115 k to 108 k per unary call (callgrind; `docs/profiling.md`). The framing itself is
+//! [`crate::framing`], shared with the hop's server half.
 //!
 //! Failures come out as tonic's client gives them (the same codes, messages and error sources,
 //! through [`Status::from_error`]), so [`crate::ForwardError`] sorts them the same way.
@@ -19,7 +20,7 @@ use base64::{
     Engine, alphabet,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http::{
     HeaderMap, HeaderValue, Method, StatusCode, Uri,
@@ -32,11 +33,7 @@ use tonic::{Code, Request, Status};
 use tower::{Service, ServiceExt};
 
 use super::{ResponseBody, UpstreamChannel};
-
-/// gRPC's length prefix: a compression flag and a big-endian length.
-const PREFIX: usize = 5;
-/// Request bytes framed into one DATA chunk before it is handed on, as tonic's encoder yields.
-const YIELD_THRESHOLD: usize = 32 << 10;
+use crate::framing::{Batch, Deframe};
 
 /// The four call shapes of one API on one upstream connection.
 #[derive(Debug, Clone)]
@@ -110,6 +107,7 @@ impl Grpc {
         let mut request = http::Request::new(Framed {
             messages,
             max_message_size: self.max_message_size,
+            batch: Batch::default(),
             done: false,
         });
         *request.method_mut() = Method::POST;
@@ -131,6 +129,7 @@ pin_project! {
         #[pin]
         messages: S,
         max_message_size: usize,
+        batch: Batch,
         done: bool,
     }
 }
@@ -144,45 +143,34 @@ impl<S: Stream<Item = Raw>> Body for Framed<S> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let mut this = self.project();
-        let mut chunk = BytesMut::new();
-        while !*this.done && chunk.len() < YIELD_THRESHOLD {
+        while !*this.done && !this.batch.is_full() {
             match this.messages.as_mut().poll_next(cx) {
                 Poll::Ready(Some(message)) => {
-                    let len = message.encoded_len();
-                    if len > *this.max_message_size {
-                        return Poll::Ready(Some(Err(Status::out_of_range(format!(
-                            "Error, encoded message length too large: found {len} bytes, the limit is: {} bytes",
-                            this.max_message_size
-                        )))));
+                    if let Err(status) = this.batch.push(message, *this.max_message_size) {
+                        return Poll::Ready(Some(Err(status)));
                     }
-                    chunk.reserve(PREFIX + len);
-                    chunk.put_u8(0);
-                    chunk.put_u32(len as u32);
-                    message.write(&mut chunk);
                 }
                 Poll::Ready(None) => *this.done = true,
-                Poll::Pending if chunk.is_empty() => return Poll::Pending,
+                Poll::Pending if this.batch.is_empty() => return Poll::Pending,
                 Poll::Pending => break,
             }
         }
-        if chunk.is_empty() {
+        if this.batch.is_empty() {
             return Poll::Ready(None);
         }
-        Poll::Ready(Some(Ok(Frame::data(chunk.freeze()))))
+        Poll::Ready(Some(Ok(Frame::data(this.batch.take()))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.batch.is_empty()
     }
 }
 
 /// The answer's messages, then its status: a stream that ends after OK, or with the failure.
 #[derive(Debug)]
 pub struct Messages {
-    body: ResponseBody,
+    body: Deframe<ResponseBody>,
     http_status: StatusCode,
-    cut: Cutter,
-    trailers: Option<HeaderMap>,
     done: bool,
 }
 
@@ -201,21 +189,16 @@ impl Messages {
             None => false,
         };
         Ok(Self {
-            body,
+            body: Deframe::new(body, max_message_size),
             http_status: parts.status,
-            cut: Cutter::new(max_message_size),
-            trailers: None,
             done: trailers_only,
         })
     }
 
     /// The call's status once the body has ended: from the trailers, else from the HTTP status
     /// (gRPC's HTTP-to-status mapping, as tonic applies it).
-    fn status(&mut self) -> Result<(), Status> {
-        if self.cut.holds_partial() {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        if let Some(status) = self.trailers.as_ref().and_then(status_in) {
+    fn status(&self) -> Result<(), Status> {
+        if let Some(status) = self.body.trailers().and_then(status_in) {
             return status;
         }
         let code = match self.http_status {
@@ -276,213 +259,24 @@ impl Stream for Messages {
     type Item = Result<Raw, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        loop {
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match this.cut.next() {
-                Ok(Some(message)) => return Poll::Ready(Some(Ok(Raw::new(message)))),
-                Ok(None) => {}
-                Err(status) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(status)));
-                }
-            }
-            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.cut.push(data),
-                    Err(frame) => this.trailers = frame.into_trailers().ok(),
-                },
-                Some(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(Status::from_error(Box::new(e)))));
-                }
-                None => {
-                    this.done = true;
-                    return Poll::Ready(this.status().err().map(Err));
-                }
-            }
+        if self.done {
+            return Poll::Ready(None);
         }
-    }
-}
-
-/// Cuts length-prefixed messages out of DATA chunks: a message inside one chunk is a slice of
-/// it; one spanning chunks is gathered in `partial`. A prefix is checked (flag, size limit) as
-/// soon as its five bytes are in, before anything of the message is buffered.
-#[derive(Debug)]
-struct Cutter {
-    max_message_size: usize,
-    chunk: Bytes,
-    partial: BytesMut,
-    /// The length of the message being gathered, once its prefix is complete.
-    gathering: Option<usize>,
-}
-
-impl Cutter {
-    fn new(max_message_size: usize) -> Self {
-        Self {
-            max_message_size,
-            chunk: Bytes::new(),
-            partial: BytesMut::new(),
-            gathering: None,
+        let next = ready!(self.body.poll_message(cx));
+        if !matches!(next, Ok(Some(_))) {
+            self.done = true;
         }
-    }
-
-    fn push(&mut self, data: Bytes) {
-        debug_assert!(self.chunk.is_empty(), "a chunk is consumed before the next");
-        self.chunk = data;
-    }
-
-    fn holds_partial(&self) -> bool {
-        !self.partial.is_empty() || !self.chunk.is_empty()
-    }
-
-    /// The message length a prefix announces, if the prefix is acceptable.
-    fn length(&self, prefix: &[u8]) -> Result<usize, Status> {
-        match prefix[0] {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no grpc-encoding was specified",
-                ));
-            }
-            f => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1)"
-                )));
-            }
-        }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        if len > self.max_message_size {
-            return Err(Status::out_of_range(format!(
-                "Error, decoded message length too large: found {len} bytes, the limit is: {} bytes",
-                self.max_message_size
-            )));
-        }
-        Ok(len)
-    }
-
-    /// The next whole message, or `None` until more data is pushed.
-    fn next(&mut self) -> Result<Option<Bytes>, Status> {
-        if self.partial.is_empty() && self.chunk.len() >= PREFIX {
-            let len = self.length(&self.chunk[..PREFIX])?;
-            if self.chunk.len() >= PREFIX + len {
-                let message = self.chunk.slice(PREFIX..PREFIX + len);
-                self.chunk.advance(PREFIX + len);
-                return Ok(Some(message));
-            }
-        }
-        while !self.chunk.is_empty() {
-            let wanted = match self.gathering {
-                None => PREFIX - self.partial.len(),
-                Some(len) => PREFIX + len - self.partial.len(),
-            };
-            let take = wanted.min(self.chunk.len());
-            self.partial.extend_from_slice(&self.chunk[..take]);
-            self.chunk.advance(take);
-            if take < wanted {
-                break;
-            }
-            match self.gathering {
-                None => {
-                    let len = self.length(&self.partial)?;
-                    self.partial.reserve(len);
-                    self.gathering = Some(len);
-                }
-                Some(_) => {
-                    self.gathering = None;
-                    let mut message = self.partial.split().freeze();
-                    message.advance(PREFIX);
-                    return Ok(Some(message));
-                }
-            }
-        }
-        Ok(None)
+        Poll::Ready(match next {
+            Ok(Some(message)) => Some(Ok(message)),
+            Ok(None) => self.status().err().map(Err),
+            Err(status) => Some(Err(status)),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(message: &[u8]) -> Vec<u8> {
-        let mut f = vec![0];
-        f.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        f.extend_from_slice(message);
-        f
-    }
-
-    fn cut_all(cut: &mut Cutter, chunks: Vec<Vec<u8>>) -> Result<Vec<Bytes>, Status> {
-        let mut out = Vec::new();
-        for chunk in chunks {
-            cut.push(chunk.into());
-            while let Some(m) = cut.next()? {
-                out.push(m);
-            }
-        }
-        Ok(out)
-    }
-
-    #[test]
-    fn messages_are_cut_whole_from_a_chunk_and_gathered_across_chunks() {
-        let mut stream = frame(b"one");
-        stream.extend(frame(b""));
-        stream.extend(frame(&[7; 300]));
-        stream.extend(frame(b"four"));
-        // Every split point: inside prefixes, inside messages, on boundaries.
-        for at in 0..=stream.len() {
-            for at2 in at..=stream.len() {
-                let chunks = vec![
-                    stream[..at].to_vec(),
-                    stream[at..at2].to_vec(),
-                    stream[at2..].to_vec(),
-                ];
-                let mut cut = Cutter::new(1024);
-                let got = cut_all(&mut cut, chunks).unwrap();
-                assert_eq!(
-                    got,
-                    [&b"one"[..], b"", &[7; 300], b"four"],
-                    "split at {at}, {at2}"
-                );
-                assert!(!cut.holds_partial());
-            }
-        }
-    }
-
-    #[test]
-    fn a_message_inside_one_chunk_is_not_copied() {
-        let chunk = Bytes::from(frame(b"zero-copy"));
-        let mut cut = Cutter::new(64);
-        cut.push(chunk.clone());
-        let message = cut.next().unwrap().unwrap();
-        assert_eq!(message.as_ptr(), chunk[PREFIX..].as_ptr());
-    }
-
-    #[test]
-    fn a_bad_prefix_is_refused_before_its_message_is_buffered() {
-        let mut oversize = vec![0];
-        oversize.extend_from_slice(&u32::MAX.to_be_bytes());
-        let err = cut_all(
-            &mut Cutter::new(64),
-            vec![oversize[..2].to_vec(), oversize[2..].to_vec()],
-        )
-        .unwrap_err();
-        assert_eq!(err.code(), Code::OutOfRange);
-        assert!(runmesh_runtime::status::is_size_limit(&err), "{err:?}");
-
-        let mut compressed = frame(b"x");
-        compressed[0] = 1;
-        let err = cut_all(&mut Cutter::new(64), vec![compressed]).unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
-        assert!(err.message().contains("compressed-flag"), "{err:?}");
-
-        let mut unknown = frame(b"x");
-        unknown[0] = 7;
-        let err = cut_all(&mut Cutter::new(64), vec![unknown]).unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
-        assert!(err.message().contains("flag: 7"), "{err:?}");
-    }
 
     /// The answer's status, read to the end of a body that sent no message.
     async fn status_of(response: http::Response<ResponseBody>) -> Result<(), Status> {
@@ -557,17 +351,5 @@ mod tests {
             "{}",
             err.message()
         );
-    }
-
-    #[test]
-    fn a_body_cut_inside_a_message_holds_a_partial() {
-        let stream = frame(b"truncated");
-        let mut cut = Cutter::new(64);
-        assert!(
-            cut_all(&mut cut, vec![stream[..7].to_vec()])
-                .unwrap()
-                .is_empty()
-        );
-        assert!(cut.holds_partial());
     }
 }
