@@ -11,6 +11,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
+use http::{Extensions, HeaderMap, HeaderName};
 use runmesh_auth::Caller;
 use runmesh_proto::{
     ping::v1::Hop,
@@ -32,8 +33,12 @@ use crate::{
 };
 
 /// Metadata passed on upstream as it came. Never `authorization`; `traceparent`/`tracestate`
-/// are written afresh for this hop's client span, so the trace links hop by hop.
-const FORWARDED: [&str; 2] = ["x-cloud-trace-context", "x-request-id"];
+/// are written afresh for this hop's client span, so the trace links hop by hop. Names, not
+/// `&str`s: a `&str` is parsed again on every lookup.
+const FORWARDED: [HeaderName; 2] = [
+    HeaderName::from_static("x-cloud-trace-context"),
+    HeaderName::from_static("x-request-id"),
+];
 
 /// The service part of every method path, for span names.
 const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
@@ -108,14 +113,18 @@ impl Forwarder {
         call: &ClientCall,
         message: T,
     ) -> Request<T> {
-        let mut request = Request::new(message);
-        let out = request.metadata_mut();
-        call.inject(out);
-        for key in FORWARDED {
-            if let Some(value) = incoming.get(key) {
-                out.insert(key, value.clone());
+        let mut headers = HeaderMap::new();
+        for name in FORWARDED {
+            if let Some(value) = incoming.as_ref().get(&name) {
+                headers.insert(name, value.clone());
             }
         }
+        let mut request = Request::from_parts(
+            MetadataMap::from_headers(headers),
+            Extensions::default(),
+            message,
+        );
+        call.inject(request.metadata_mut());
         if let Some(deadline) = deadline {
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         }

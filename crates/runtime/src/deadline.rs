@@ -18,8 +18,9 @@ use tonic::{Status, metadata::MetadataMap};
 
 use crate::Drain;
 
-/// The `grpc-timeout` header, as the gRPC wire spec writes it.
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// The `grpc-timeout` header, as the gRPC wire spec writes it; a `HeaderName` so the lookup on
+/// every call does not parse the name again.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H M S m u n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -61,7 +62,7 @@ pub fn format_grpc_timeout(timeout: Duration) -> String {
 /// earlier still. Giving up slightly before both lets this hop answer `DEADLINE_EXCEEDED`, the
 /// code gRPC defines for it, while the caller is still listening.
 pub fn deadline(metadata: &MetadataMap) -> Option<Instant> {
-    let value = metadata.get(GRPC_TIMEOUT)?.to_str().ok()?;
+    let value = metadata.as_ref().get(&GRPC_TIMEOUT)?.to_str().ok()?;
     parse_grpc_timeout(value).map(|t| Instant::now() + t - margin(t))
 }
 

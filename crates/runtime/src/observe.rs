@@ -16,7 +16,7 @@ use std::{
 };
 
 use futures::{Stream, future::BoxFuture};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use http_body::{Body, Frame};
 use opentelemetry::{
     KeyValue,
@@ -39,6 +39,10 @@ struct Instruments {
 }
 
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
+
+/// Header names read on every call, built once rather than parsed from a `&str` each time.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const X_CLOUD_TRACE_CONTEXT: HeaderName = HeaderName::from_static("x-cloud-trace-context");
 
 /// Starts recording RPC metrics into the global meter provider; telemetry calls it once metrics
 /// are exported. Until then calls build no metric attributes at all: recording into the no-op
@@ -152,7 +156,7 @@ pub fn extract_parent(headers: &HeaderMap) -> opentelemetry::Context {
         return cx;
     }
     headers
-        .get("x-cloud-trace-context")
+        .get(&X_CLOUD_TRACE_CONTEXT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_cloud_trace_context)
         .map(|sc| opentelemetry::Context::new().with_remote_span_context(sc))
@@ -290,7 +294,7 @@ impl Drop for ServerCall {
 
 fn status_in(headers: &HeaderMap) -> Option<i32> {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

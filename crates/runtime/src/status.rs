@@ -9,7 +9,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
 use tonic::Code;
@@ -52,19 +52,24 @@ pub fn size_limit_to_resource_exhausted(status: tonic::Status) -> tonic::Status 
     }
 }
 
+/// Header names used on every call, built once: a `&str` name is parsed and validated on each
+/// lookup.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
 fn rewrite(headers: &mut HeaderMap) {
     let out_of_range = HeaderValue::from_static("11");
-    if headers.get("grpc-status") != Some(&out_of_range) {
+    if headers.get(&GRPC_STATUS) != Some(&out_of_range) {
         return;
     }
     let is_size = headers
-        .get("grpc-message")
+        .get(&GRPC_MESSAGE)
         .and_then(|m| m.to_str().ok())
         .is_some_and(|m| {
             m.contains("message%20length%20too%20large") || m.contains("message length too large")
         });
     if is_size {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
     }
 }
 
