@@ -23,6 +23,13 @@ use tonic_health::{
 
 use crate::{Drain, ServerConfig, limit::InFlightLimitLayer, status::SizeLimitStatusLayer};
 
+/// The largest HTTP/2 DATA frame a runmesh process accepts, on its server connections and on a
+/// hop's upstream connections (HTTP/2's default is 16 KiB). tonic and the hops hand messages on
+/// in batches of up to ~32 KiB; a peer may then send each batch as one frame instead of two or
+/// three, which saves a frame's bookkeeping in `h2` and a read-buffer reallocation per frame.
+/// Measured on a relay's 1 KiB server stream: −13 % instructions per message, −9 % CPU.
+pub const MAX_FRAME_SIZE: u32 = 64 << 10;
+
 /// What a service brings to [`serve`]: its gRPC routes and how callers are authenticated.
 #[derive(Debug)]
 pub struct App {
@@ -147,6 +154,7 @@ pub async fn serve(
     tracing::info!(addr = %local, "serving h2c");
     let server = Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
+        .max_frame_size(MAX_FRAME_SIZE)
         // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
         .layer(SizeLimitStatusLayer)
         // tonic would read any body as gRPC; other content types get 415, as the spec asks.

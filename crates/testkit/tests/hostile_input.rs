@@ -484,6 +484,8 @@ const GOAWAY: u8 = 0x7;
 const END_STREAM: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
 
 /// An HPACK literal header field without indexing, its name from the static table.
 fn hpack_literal(name_index: u8, value: &str) -> Vec<u8> {
@@ -520,6 +522,8 @@ struct Seen {
     goaway: Vec<u32>,
     /// Whether the server closed the connection.
     closed: bool,
+    /// `(identifier, value)` of each setting the server announced.
+    settings: Vec<(u16, u32)>,
 }
 
 impl Seen {
@@ -557,6 +561,14 @@ async fn read_frames(tcp: &mut TcpStream, quiet: Duration, stop: impl Fn(&Seen) 
                 seen.goaway
                     .push(u32::from_be_bytes([buf[13], buf[14], buf[15], buf[16]]));
             }
+            if buf[3] == SETTINGS && buf[4] & ACK == 0 {
+                for setting in buf[9..9 + len].chunks_exact(6) {
+                    let id = u16::from_be_bytes([setting[0], setting[1]]);
+                    let value =
+                        u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                    seen.settings.push((id, value));
+                }
+            }
             buf.drain(..9 + len);
         }
     }
@@ -573,6 +585,23 @@ async fn raw_h2(service: &Service) -> TcpStream {
         .await
         .expect("settings");
     tcp
+}
+
+#[tokio::test]
+async fn the_server_takes_data_frames_of_up_to_64_kib() {
+    // Not hostile: a peer's ~32 KiB batch of messages may come as one frame, not two or three
+    // of HTTP/2's default 16 KiB (`runtime::serve::MAX_FRAME_SIZE`).
+    let service = ping().await;
+    let mut tcp = raw_h2(&service).await;
+    let seen = read_frames(&mut tcp, Duration::from_millis(500), |s| {
+        s.has(SETTINGS, Some(0)) && !s.settings.is_empty()
+    })
+    .await;
+    assert!(
+        seen.settings.contains(&(SETTINGS_MAX_FRAME_SIZE, 64 << 10)),
+        "{:?}",
+        seen.settings
+    );
 }
 
 #[tokio::test]

@@ -167,6 +167,7 @@ impl Target {
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(runmesh_runtime::serve::MAX_FRAME_SIZE)
             .handshake(io)
             .await?)
     }
@@ -538,6 +539,35 @@ mod tests {
             send.send_trailers(trailers).unwrap();
         });
         (url.parse().unwrap(), server)
+    }
+
+    #[tokio::test]
+    async fn the_upstream_may_send_data_frames_of_up_to_64_kib() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: url::Url = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let (_, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            // h2 cuts what it sends into frames no larger than the peer allows.
+            send.send_data(Bytes::from(vec![7; 40 << 10]), true)
+                .unwrap();
+        });
+        let target = Target::new(&url, None, HeaderValue::from_static("runmesh-test/1")).unwrap();
+        let mut connection = Connection::lazy(Arc::new(target));
+        let request = http::Request::post("/x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut body = connection.call(request).await.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.len(), 40 << 10, "the answer came as one frame");
+        server.await.unwrap();
     }
 
     #[tokio::test]
