@@ -82,6 +82,11 @@ impl Forwarder {
         }
     }
 
+    /// `MAX_MESSAGE_SIZE`: the limit on messages either way, at both halves of the hop.
+    pub(crate) fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
     /// A client on the next upstream connection.
     fn client(&self) -> Grpc {
         Grpc::new(self.upstream.pick(), self.max_message_size)

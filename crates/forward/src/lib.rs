@@ -100,7 +100,7 @@ impl ServiceConfig for Config {
 pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
     App {
         name: config.role.name(),
-        routes: Routes::new(PingServer::new(forwarder, config.server.max_message_size)),
+        routes: Routes::new(PingServer::new(forwarder)),
         health_names: vec![runmesh_proto::PING_SERVICE_NAME],
         auth: ServerAuthLayer::new(&config.auth),
         drain,

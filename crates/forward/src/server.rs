@@ -49,22 +49,20 @@ const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grp
 pub struct PingServer {
     /// Shared, not cloned per call: a forwarder holds its URLs and identity as strings.
     forwarder: Arc<Forwarder>,
-    max_message_size: usize,
 }
 
 impl PingServer {
-    /// Serves `forwarder`, refusing messages either way over `max_message_size`.
-    pub fn new(forwarder: Forwarder, max_message_size: usize) -> Self {
+    /// Serves `forwarder`, with its limit on the size of messages either way.
+    pub fn new(forwarder: Forwarder) -> Self {
         Self {
             forwarder: Arc::new(forwarder),
-            max_message_size,
         }
     }
 
     /// The answer to `request`: its messages, or the status it failed with.
     async fn answer(self, request: http::Request<Body>) -> Result<Answer, Status> {
-        let max = self.max_message_size;
         let forwarder = &self.forwarder;
+        let max = forwarder.max_message_size();
         match request.uri().path() {
             SEND => {
                 let request = unary(request, max).await?;
@@ -312,7 +310,7 @@ mod tests {
         .unwrap();
         let upstream = upstream::connect(&config).unwrap();
         let forwarder = Forwarder::new(&config, upstream, runmesh_runtime::Drain::default());
-        PingServer::new(forwarder, config.server.max_message_size)
+        PingServer::new(forwarder)
     }
 
     /// The status an answer ends with, from its headers (trailers-only) or its trailers, and
