@@ -509,16 +509,30 @@ mod tests {
 
     use super::*;
 
-    /// An h2c server on 127.0.0.1 that answers one call with the request's origin and body
-    /// echoed back, then `grpc-status: 0` in the trailers.
-    async fn echo_server() -> (url::Url, tokio::task::JoinHandle<()>) {
+    /// An h2c server on 127.0.0.1 that hands its first call to `answer`, and its URL.
+    async fn one_call_server<F, Fut>(answer: F) -> (url::Url, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut
+            + Send
+            + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut conn = h2::server::handshake(tcp).await.unwrap();
-            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let (request, respond) = conn.accept().await.unwrap().unwrap();
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            answer(request, respond).await;
+        });
+        (url.parse().unwrap(), server)
+    }
+
+    /// Answers one call with the request's origin and body echoed back, then `grpc-status: 0`
+    /// in the trailers.
+    async fn echo_server() -> (url::Url, tokio::task::JoinHandle<()>) {
+        one_call_server(|request, mut respond| async move {
             let (parts, mut body) = request.into_parts();
             let mut received = Vec::new();
             while let Some(chunk) = body.data().await {
@@ -537,28 +551,21 @@ mod tests {
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", HeaderValue::from_static("0"));
             send.send_trailers(trailers).unwrap();
-        });
-        (url.parse().unwrap(), server)
+        })
+        .await
     }
 
     #[tokio::test]
     async fn the_upstream_may_send_data_frames_of_up_to_64_kib() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: url::Url = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut conn = h2::server::handshake(tcp).await.unwrap();
-            let (_, mut respond) = conn.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let (url, server) = one_call_server(|_, mut respond| async move {
             let mut send = respond
                 .send_response(http::Response::new(()), false)
                 .unwrap();
             // h2 cuts what it sends into frames no larger than the peer allows.
             send.send_data(Bytes::from(vec![7; 40 << 10]), true)
                 .unwrap();
-        });
+        })
+        .await;
         let target = Target::new(&url, None, HeaderValue::from_static("runmesh-test/1")).unwrap();
         let mut connection = Connection::lazy(Arc::new(target));
         let request = http::Request::post("/x")
