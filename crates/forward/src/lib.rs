@@ -24,7 +24,6 @@ use runmesh_auth::{ServerAuthConfig, ServerAuthLayer, UpstreamAuthConfig};
 use runmesh_config::{ConfigError, Env, count_or_cores, http_url};
 use runmesh_runtime::{App, Drain, Identity, ServeError, ServerConfig, ServiceConfig};
 use tokio::net::TcpListener;
-use tonic::service::Routes;
 
 pub use error::ForwardError;
 pub use forwarder::Forwarder;
@@ -97,10 +96,10 @@ impl ServiceConfig for Config {
 }
 
 /// The hop's routes, health names and auth, ready for [`runmesh_runtime::serve`].
-pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App {
+pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App<PingServer> {
     App {
         name: config.role.name(),
-        routes: Routes::new(PingServer::new(forwarder)),
+        service: PingServer::new(forwarder),
         health_names: vec![runmesh_proto::PING_SERVICE_NAME],
         auth: ServerAuthLayer::new(&config.auth),
         drain,

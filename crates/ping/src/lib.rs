@@ -19,7 +19,7 @@ use runmesh_auth::{Caller, ServerAuthConfig};
 use runmesh_config::{ConfigError, Env};
 use runmesh_proto::ping::v1::{
     CollectResponse, Hop, Pong, SendRequest, SendResponse, SendStreamRequest,
-    ping_service_server::PingService,
+    ping_service_server::{PingService, PingServiceServer},
 };
 use runmesh_runtime::{
     App, Drain, Identity, ServeError, ServerConfig, ServiceConfig, deadline,
@@ -293,7 +293,7 @@ impl PingService for Ping {
 }
 
 /// ping's routes, health names and auth, ready for [`runmesh_runtime::serve`].
-pub fn app(config: &Config, ping: Ping, drain: Drain) -> App {
+pub fn app(config: &Config, ping: Ping, drain: Drain) -> App<PingServiceServer<Ping>> {
     App::ping_service("ping", ping, &config.server, &config.auth, drain)
 }
 

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod deadline;
+mod dispatch;
 pub mod grpc_only;
 pub mod limit;
 pub mod observe;

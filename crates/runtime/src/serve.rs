@@ -1,6 +1,6 @@
 //! Serving a service the way Cloud Run expects: h2c on `$PORT`, health, reflection, drain.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{convert::Infallible, future::Future, pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
 use runmesh_auth::{ServerAuthConfig, ServerAuthLayer};
@@ -9,6 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
+    body::Body,
+    server::NamedService,
     service::Routes,
     transport::{Server, server::TcpIncoming},
 };
@@ -21,7 +23,10 @@ use tonic_health::{
     server::{HealthReporter, HealthService},
 };
 
-use crate::{Drain, ServerConfig, limit::InFlightLimitLayer, status::SizeLimitStatusLayer};
+use crate::{
+    Drain, ServerConfig, dispatch::Dispatch, limit::InFlightLimitLayer,
+    status::SizeLimitStatusLayer,
+};
 
 /// The largest HTTP/2 DATA frame a runmesh process accepts, on its server connections and on a
 /// hop's upstream connections (HTTP/2's default is 16 KiB). tonic and the hops hand messages on
@@ -30,13 +35,14 @@ use crate::{Drain, ServerConfig, limit::InFlightLimitLayer, status::SizeLimitSta
 /// Measured on a relay's 1 KiB server stream: −13 % instructions per message, −9 % CPU.
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 
-/// What a service brings to [`serve`]: its gRPC routes and how callers are authenticated.
+/// What a service brings to [`serve`]: its gRPC service and how callers are authenticated.
 #[derive(Debug)]
-pub struct App {
+pub struct App<S> {
     /// The service's name, for refusals raised by the server itself.
     pub name: &'static str,
-    /// The service's own gRPC services; health and reflection are added here.
-    pub routes: Routes,
+    /// The service's own gRPC service, called for every path under its name; health and
+    /// reflection are served beside it.
+    pub service: S,
     /// Full gRPC names reported by health (besides the overall `""`).
     pub health_names: Vec<&'static str>,
     /// Verifies callers of the app's routes; health and reflection stay open.
@@ -45,11 +51,11 @@ pub struct App {
     pub drain: Drain,
 }
 
-impl App {
+impl<P: PingService> App<PingServiceServer<P>> {
     /// `PingService` answered by `service`, with the message-size limit applied both ways.
-    pub fn ping_service<S: PingService>(
+    pub fn ping_service(
         name: &'static str,
-        service: S,
+        service: P,
         server: &ServerConfig,
         auth: &ServerAuthConfig,
         drain: Drain,
@@ -60,7 +66,7 @@ impl App {
             .max_encoding_message_size(max);
         Self {
             name,
-            routes: Routes::new(server),
+            service: server,
             health_names: vec![runmesh_proto::PING_SERVICE_NAME],
             auth: ServerAuthLayer::new(auth),
             drain,
@@ -92,12 +98,20 @@ pub async fn bind(config: &ServerConfig) -> std::io::Result<TcpListener> {
 /// The drain flips health to `NOT_SERVING`, stops accepting, lets in-flight calls finish, tells
 /// endless streams to end shortly before the grace period is over ([`Drain`]), and returns when
 /// the last call has finished or the grace period has passed, whichever is first.
-pub async fn serve(
+pub async fn serve<S>(
     config: &ServerConfig,
     listener: TcpListener,
-    app: App,
+    app: App<S>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+) -> Result<(), ServeError>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let reporter = HealthReporter::new();
     let names: Vec<&'static str> = std::iter::once("").chain(app.health_names).collect();
     for name in &names {
@@ -123,9 +137,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let routes = app
-        .routes
-        .add_service(health)
+    let routes = Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
@@ -165,8 +177,7 @@ pub async fn serve(
         .layer(InFlightLimitLayer::new(config.max_in_flight, app.name))
         // Every call but health and reflection needs a verified caller.
         .layer(app.auth)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .serve_with_incoming_shutdown(Dispatch::new(app.service, routes), incoming, signal);
     tokio::pin!(server);
     let grace_over = async {
         if started_rx.await.is_ok() {
