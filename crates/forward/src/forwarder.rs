@@ -129,7 +129,7 @@ impl Forwarder {
             Extensions::default(),
             message,
         );
-        call.inject(request.metadata_mut());
+        call.inject(incoming.as_ref(), request.metadata_mut());
         if let Some(deadline) = deadline {
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         }

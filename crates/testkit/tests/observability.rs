@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::span::SpanKind,
 };
 use runmesh_proto::ping::v1::{SendRequest, SendStreamRequest};
-use runmesh_testkit::{Mesh, authed};
+use runmesh_testkit::{Mesh, Service, authed};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
@@ -274,6 +274,52 @@ fn access_lines(lines: &[String]) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "rpc finished")
         .collect()
+}
+
+#[tokio::test]
+async fn a_hop_that_records_no_spans_passes_the_callers_trace_on() {
+    let (collector, endpoint) = collector().await;
+    let mut env = telemetry_env(&endpoint);
+    env.push(("AUTH_MODE", "off".to_string()));
+    let ping_service = Service::start("ping", &env).await;
+    env.extend([
+        ("UPSTREAM_AUTH", "off".to_string()),
+        ("UPSTREAM_URL", ping_service.url.clone()),
+        // Spans are `info`: this relay records none, yet exports whatever it would record.
+        ("RUST_LOG", "warn".to_string()),
+    ]);
+    let relay = Service::start("relay", &env).await;
+
+    let (trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut request = Request::new(ping("through a quiet relay"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{caller_span}-01").parse().unwrap(),
+    );
+    let pong = relay.client().await.send(request).await.unwrap();
+    let hops = pong.into_inner().pong.unwrap().hops;
+    assert_eq!(hops.len(), 2, "relay and ping answered: {hops:?}");
+
+    let spans = wait_spans(&collector, 1).await;
+    let server = spans
+        .iter()
+        .find(|s| s.service == "ping" && s.kind == SpanKind::Server as i32)
+        .unwrap_or_else(|| panic!("ping exported no server span: {spans:#?}"));
+    assert_eq!(server.trace_id, trace, "ping joined the caller's trace");
+    assert_eq!(
+        server.parent, caller_span,
+        "the relay added no span between"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let relay_spans: Vec<_> = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.service == "relay")
+        .cloned()
+        .collect();
+    assert!(relay_spans.is_empty(), "{relay_spans:#?}");
 }
 
 #[tokio::test]
