@@ -7,16 +7,13 @@
 //! caller's response body is. Dropping the caller's call drops the upstream call, which resets
 //! its HTTP/2 stream, so cancellation reaches ping at once.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use http::{Extensions, HeaderMap, HeaderName};
 use runmesh_auth::Caller;
-use runmesh_proto::{
-    ping::v1::Hop,
-    raw::{Raw, pong_prefix, summary_prefix},
-};
+use runmesh_proto::raw::Raw;
 use runmesh_runtime::{
     Drain,
     deadline::{self, bounded},
@@ -29,6 +26,7 @@ use tracing::Instrument;
 use crate::{
     Config, ForwardError,
     server::Inbound,
+    trail::{Entry, Trail},
     upstream::{Grpc, Messages, Upstream},
 };
 
@@ -56,7 +54,7 @@ pub(crate) type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Se
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     hop: &'static str,
-    identity: runmesh_runtime::Identity,
+    trail: Arc<Trail>,
     url: String,
     upstream_url: url::Url,
     upstream: Upstream,
@@ -69,7 +67,7 @@ impl Forwarder {
     pub fn new(config: &Config, upstream: Upstream, drain: Drain) -> Self {
         Self {
             hop: config.role.name(),
-            identity: config.identity.clone(),
+            trail: Arc::new(Trail::new(config.identity.clone())),
             url: config
                 .upstream_url
                 .as_str()
@@ -92,9 +90,10 @@ impl Forwarder {
         Grpc::new(self.upstream.pick(), self.max_message_size)
     }
 
-    fn my_hop<T>(&self, request: &Request<T>) -> Hop {
+    /// This hop's entry in the trail of the answer to `request`.
+    fn my_hop<T>(&self, request: &Request<T>) -> Arc<Entry> {
         let caller = request.extensions().get::<Caller>().map(|c| c.0.as_str());
-        self.identity.hop(caller)
+        self.trail.entry(caller)
     }
 
     fn error(&self, status: Status) -> Status {
@@ -311,7 +310,7 @@ impl Forwarder {
             })
             .await?;
         span.finish(tonic::Code::Ok);
-        Ok(res.after(pong_prefix(hop)))
+        Ok(res.after(hop.pong.clone()))
     }
 
     pub(crate) async fn send_stream(&self, request: Request<Raw>) -> Result<PongStream, Status> {
@@ -324,7 +323,7 @@ impl Forwarder {
                 async move { client.server_streaming(SEND_STREAM, req).await }
             })
             .await?;
-        Ok(self.pongs(pongs, span, pong_prefix(hop), deadline, None))
+        Ok(self.pongs(pongs, span, hop.pong.clone(), deadline, None))
     }
 
     pub(crate) async fn collect(&self, request: Request<Inbound>) -> Result<Raw, Status> {
@@ -348,7 +347,7 @@ impl Forwarder {
             }
         };
         span.finish(tonic::Code::Ok);
-        Ok(summary.after(summary_prefix(hop)))
+        Ok(summary.after(hop.summary.clone()))
     }
 
     pub(crate) async fn chat(&self, request: Request<Inbound>) -> Result<PongStream, Status> {
@@ -362,6 +361,6 @@ impl Forwarder {
         let pongs = self
             .call(deadline, &mut span, client.streaming(CHAT, upstream))
             .await?;
-        Ok(self.pongs(pongs, span, pong_prefix(hop), deadline, Some(failed)))
+        Ok(self.pongs(pongs, span, hop.pong.clone(), deadline, Some(failed)))
     }
 }

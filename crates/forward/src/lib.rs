@@ -16,6 +16,7 @@ mod error;
 mod forwarder;
 mod framing;
 mod server;
+mod trail;
 pub mod upstream;
 
 use std::{future::Future, num::NonZeroUsize};
