@@ -45,7 +45,7 @@ pub struct App<S> {
     pub service: S,
     /// Full gRPC names reported by health (besides the overall `""`).
     pub health_names: Vec<&'static str>,
-    /// Verifies callers of the app's routes; health and reflection stay open.
+    /// Verifies callers of the app's service; health and reflection stay open.
     pub auth: ServerAuthLayer,
     /// Started when long streams must end; the app's handlers hold clones.
     pub drain: Drain,
