@@ -33,7 +33,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
-    transport::Channel,
 };
 
 use self::{
@@ -42,7 +41,7 @@ use self::{
 };
 use runmesh_runtime::status::code_name;
 
-use crate::call::connect;
+use crate::call::{Connection, connect};
 
 /// Which RPC to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -221,7 +220,7 @@ impl Shared {
 
     /// Makes one call; `Ok(true)` when it ran to its end, `Ok(false)` when an endless stream
     /// was cut at the end of the run.
-    async fn call(&self, client: &mut PingServiceClient<Channel>) -> Result<bool, Status> {
+    async fn call(&self, client: &mut PingServiceClient<Connection>) -> Result<bool, Status> {
         let endless = self.plan.kind == BenchKind::ServerStream && self.plan.stream_count == 0;
         let call = async {
             match self.plan.kind {
@@ -327,7 +326,7 @@ impl Drop for OpenStream<'_> {
 }
 
 /// A closed-loop caller: one call at a time, the next as soon as the previous one ends.
-async fn closed_loop(shared: Arc<Shared>, mut client: PingServiceClient<Channel>) {
+async fn closed_loop(shared: Arc<Shared>, mut client: PingServiceClient<Connection>) {
     let mut samples = Vec::with_capacity(FLUSH_EVERY);
     loop {
         let start = Instant::now();
@@ -349,7 +348,7 @@ async fn closed_loop(shared: Arc<Shared>, mut client: PingServiceClient<Channel>
 /// One open-loop call, due at `due`; waits for a slot on its connection first.
 async fn open_call(
     shared: Arc<Shared>,
-    mut client: PingServiceClient<Channel>,
+    mut client: PingServiceClient<Connection>,
     slots: Arc<Semaphore>,
     due: Instant,
     measured: bool,
@@ -371,7 +370,7 @@ async fn open_call(
 /// started.
 fn dispatch(
     shared: &Arc<Shared>,
-    clients: &[PingServiceClient<Channel>],
+    clients: &[PingServiceClient<Connection>],
     slots: &[Arc<Semaphore>],
     schedule: Schedule,
     done: &Arc<AtomicU64>,

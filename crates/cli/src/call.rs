@@ -15,7 +15,11 @@ use tonic::{
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
-use runmesh_runtime::{serve::MAX_FRAME_SIZE, status::code_name};
+use runmesh_runtime::{
+    serve::MAX_FRAME_SIZE,
+    status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus, code_name},
+};
+use tower::Layer;
 
 use crate::output;
 
@@ -78,7 +82,11 @@ impl CallArgs {
 /// It takes DATA frames of up to 64 KiB, as the services do: a server's ~32 KiB batch of
 /// streamed messages then arrives as one frame, not two or three of HTTP/2's default 16 KiB,
 /// which spares the sender and this client the per-frame work.
-pub(crate) async fn connect(target: &str) -> Result<Channel, String> {
+/// A connection to a server, its statuses made safe to read ([`MalformedDetailsLayer`]): a
+/// foreign server's bad `grpc-status-details-bin` is `INTERNAL` here, not a panic in tonic.
+pub(crate) type Connection = RewriteStatus<Channel, MalformedDetails>;
+
+pub(crate) async fn connect(target: &str) -> Result<Connection, String> {
     let mut endpoint = Endpoint::from_shared(target.to_string())
         .map_err(|e| format!("bad --target {target:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -89,14 +97,15 @@ pub(crate) async fn connect(target: &str) -> Result<Channel, String> {
             .tls_config(ClientTlsConfig::new().with_native_roots())
             .map_err(|e| format!("TLS for {target}: {e}"))?;
     }
-    endpoint
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {target}: {e}"))
+        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    Ok(MalformedDetailsLayer.layer(channel))
 }
 
 struct Caller {
-    client: PingServiceClient<Channel>,
+    client: PingServiceClient<Connection>,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     deadline: Option<Duration>,
 }
@@ -298,6 +307,79 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// A server of `PingService` whose every answer carries `grpc-status-details-bin` that is
+    /// not base64: in the response headers (trailers-only) or, after a message, in trailers.
+    #[derive(Clone)]
+    struct BadDetails {
+        in_trailers: bool,
+    }
+
+    impl tonic::server::NamedService for BadDetails {
+        const NAME: &'static str = runmesh_proto::PING_SERVICE_NAME;
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for BadDetails {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            let mut status = http::HeaderMap::new();
+            status.insert("grpc-status", "9".parse().unwrap());
+            status.insert("grpc-status-details-bin", "not base64!".parse().unwrap());
+            let response = http::Response::builder().header("content-type", "application/grpc");
+            let response = if self.in_trailers {
+                // An empty `SendResponse`, framed, then the trailers.
+                let frames: [Result<_, Status>; 2] = [
+                    Ok(http_body::Frame::data(tonic::codegen::Bytes::from_static(
+                        &[0; 5],
+                    ))),
+                    Ok(http_body::Frame::trailers(status)),
+                ];
+                let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                response.body(tonic::body::Body::new(body))
+            } else {
+                let mut response = response.body(tonic::body::Body::empty()).unwrap();
+                response.headers_mut().extend(status);
+                Ok(response)
+            };
+            std::future::ready(Ok(response.unwrap()))
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_status_details_from_a_server_are_internal_not_a_panic() {
+        for in_trailers in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let target = format!("http://{}", listener.local_addr().unwrap());
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(BadDetails { in_trailers })
+                    .serve_with_incoming(incoming),
+            );
+            let mut client = PingServiceClient::new(connect(&target).await.unwrap());
+            let err = client
+                .send(SendRequest::default())
+                .await
+                .expect_err("the server answered FAILED_PRECONDITION");
+            server.abort();
+            assert_eq!(err.code(), tonic::Code::Internal, "{in_trailers}: {err:?}");
+            assert!(
+                err.message()
+                    .starts_with("malformed grpc-status-details-bin from the server"),
+                "{in_trailers}: {err:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,14 +1,24 @@
-//! Message-size errors carry gRPC's code for them.
+//! Statuses rewritten on their way through, in response headers (trailers-only responses) and
+//! in trailers alike.
 //!
-//! tonic reports a message over the size limit as `OUT_OF_RANGE`; grpc-go and gRPC's C core say
-//! `RESOURCE_EXHAUSTED`, and that is what clients and the API contract expect. The rewrite happens
-//! here, once, for the status in response headers (trailers-only responses) and in trailers.
+//! - Message-size errors carry gRPC's code for them: tonic reports a message over the size limit
+//!   as `OUT_OF_RANGE`; grpc-go and gRPC's C core say `RESOURCE_EXHAUSTED`, and that is what
+//!   clients and the API contract expect ([`SizeLimitStatusLayer`], on every server).
+//! - A `grpc-status-details-bin` that is not base64 becomes `INTERNAL`: tonic's client reads it
+//!   with an `expect` and panics, so a foreign server's bad trailer would crash the caller
+//!   ([`MalformedDetailsLayer`], on the `runmesh` client; a hop's own client checks the same with
+//!   [`malformed_details`]).
 
 use std::{
+    marker::PhantomData,
     pin::Pin,
     task::{Context, Poll},
 };
 
+use base64::{
+    Engine, alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
 use pin_project_lite::pin_project;
@@ -56,51 +66,139 @@ pub fn size_limit_to_resource_exhausted(status: tonic::Status) -> tonic::Status 
 /// lookup.
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
-fn rewrite(headers: &mut HeaderMap) {
-    let out_of_range = HeaderValue::from_static("11");
-    if headers.get(&GRPC_STATUS) != Some(&out_of_range) {
-        return;
-    }
-    let is_size = headers
-        .get(&GRPC_MESSAGE)
-        .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| {
-            m.contains("message%20length%20too%20large") || m.contains("message length too large")
-        });
-    if is_size {
-        headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
+/// How tonic decodes `grpc-status-details-bin`: standard alphabet, padding optional.
+const DETAILS: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why `headers`' `grpc-status-details-bin` cannot be read, if it is there and is not base64.
+pub fn malformed_details(headers: &HeaderMap) -> Option<base64::DecodeError> {
+    let details = headers.get(&GRPC_STATUS_DETAILS)?;
+    DETAILS.decode(details.as_bytes()).err()
+}
+
+/// A rewrite of the status a response carries.
+pub trait Rewrite: 'static {
+    /// Rewrites the status in `headers`, response headers or trailers.
+    fn rewrite(headers: &mut HeaderMap);
+}
+
+/// tonic's oversize-message `OUT_OF_RANGE` becomes `RESOURCE_EXHAUSTED`.
+#[derive(Debug)]
+pub enum SizeLimit {}
+
+impl Rewrite for SizeLimit {
+    fn rewrite(headers: &mut HeaderMap) {
+        let out_of_range = HeaderValue::from_static("11");
+        if headers.get(&GRPC_STATUS) != Some(&out_of_range) {
+            return;
+        }
+        let is_size = headers
+            .get(&GRPC_MESSAGE)
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+        if is_size {
+            headers.insert(GRPC_STATUS, HeaderValue::from_static("8"));
+        }
     }
 }
 
-/// Applies [`SizeLimitStatus`] to a service.
+/// A status whose `grpc-status-details-bin` is not base64 becomes `INTERNAL` saying so.
+#[derive(Debug)]
+pub enum MalformedDetails {}
+
+impl Rewrite for MalformedDetails {
+    fn rewrite(headers: &mut HeaderMap) {
+        let Some(e) = malformed_details(headers) else {
+            return;
+        };
+        headers.remove(&GRPC_STATUS_DETAILS);
+        let status = tonic::Status::internal(format!(
+            "malformed grpc-status-details-bin from the server: {e}"
+        ));
+        // Our own message always fits in a header; were it refused, the details would still be
+        // gone and the server's status would stand, which tonic reads without panicking.
+        let _ = status.add_header(headers);
+    }
+}
+
+/// [`RewriteStatus`] with [`SizeLimit`], for servers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SizeLimitStatusLayer;
 
 impl<S> Layer<S> for SizeLimitStatusLayer {
-    type Service = SizeLimitStatus<S>;
+    type Service = RewriteStatus<S, SizeLimit>;
     fn layer(&self, inner: S) -> Self::Service {
-        SizeLimitStatus { inner }
+        RewriteStatus::new(inner)
     }
 }
 
-/// Rewrites tonic's oversize-message `OUT_OF_RANGE` into `RESOURCE_EXHAUSTED`.
-#[derive(Debug, Clone)]
-pub struct SizeLimitStatus<S> {
-    inner: S,
+/// [`RewriteStatus`] with [`MalformedDetails`], for a client's channel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MalformedDetailsLayer;
+
+impl<S> Layer<S> for MalformedDetailsLayer {
+    type Service = RewriteStatus<S, MalformedDetails>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RewriteStatus::new(inner)
+    }
 }
 
-impl<S, Req, B> Service<Req> for SizeLimitStatus<S>
+/// Rewrites the status of every response with `R`, in its headers and in its trailers.
+#[derive(Debug)]
+pub struct RewriteStatus<S, R> {
+    inner: S,
+    rewrite: PhantomData<fn() -> R>,
+}
+
+impl<S, R> RewriteStatus<S, R> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            rewrite: PhantomData,
+        }
+    }
+}
+
+impl<S: Clone, R> Clone for RewriteStatus<S, R> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone())
+    }
+}
+
+/// The response with `R` applied to its headers, and to its trailers once they come.
+fn rewritten<B, R: Rewrite>(
+    response: http::Response<B>,
+) -> http::Response<RewriteStatusBody<B, R>> {
+    let (mut parts, body) = response.into_parts();
+    R::rewrite(&mut parts.headers);
+    http::Response::from_parts(
+        parts,
+        RewriteStatusBody {
+            inner: body,
+            rewrite: PhantomData,
+        },
+    )
+}
+
+impl<S, R, Req, B> Service<Req> for RewriteStatus<S, R>
 where
     S: Service<Req, Response = http::Response<B>>,
     S::Future: Send + 'static,
     B: Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    R: Rewrite,
 {
-    type Response = http::Response<SizeLimitBody<B>>;
+    type Response = http::Response<RewriteStatusBody<B, R>>;
     type Error = S::Error;
     type Future = futures::future::MapOk<
         S::Future,
-        fn(http::Response<B>) -> http::Response<SizeLimitBody<B>>,
+        fn(http::Response<B>) -> http::Response<RewriteStatusBody<B, R>>,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -109,32 +207,30 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         use futures::TryFutureExt;
-        self.inner.call(req).map_ok(|res| {
-            let (mut parts, body) = res.into_parts();
-            rewrite(&mut parts.headers);
-            http::Response::from_parts(parts, SizeLimitBody { inner: body })
-        })
+        self.inner.call(req).map_ok(rewritten::<B, R>)
     }
 }
 
 pin_project! {
     /// A response body whose trailers get the same rewrite.
     #[derive(Debug)]
-    pub struct SizeLimitBody<B> {
+    pub struct RewriteStatusBody<B, R> {
         #[pin]
         inner: B,
+        rewrite: PhantomData<fn() -> R>,
     }
 }
 
-impl<B: Default> Default for SizeLimitBody<B> {
+impl<B: Default, R> Default for RewriteStatusBody<B, R> {
     fn default() -> Self {
         Self {
             inner: B::default(),
+            rewrite: PhantomData,
         }
     }
 }
 
-impl<B: Body> Body for SizeLimitBody<B> {
+impl<B: Body, R: Rewrite> Body for RewriteStatusBody<B, R> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -146,7 +242,7 @@ impl<B: Body> Body for SizeLimitBody<B> {
             frame.map(|res| {
                 res.map(|mut f| {
                     if let Some(trailers) = f.trailers_mut() {
-                        rewrite(trailers);
+                        R::rewrite(trailers);
                     }
                     f
                 })
@@ -184,6 +280,34 @@ mod tests {
     }
 
     #[test]
+    fn only_details_that_are_not_base64_make_a_status_internal() {
+        let status = |details: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", HeaderValue::from_static("9"));
+            h.insert("grpc-message", HeaderValue::from_static("precondition"));
+            if let Some(d) = details {
+                h.insert("grpc-status-details-bin", HeaderValue::from_static(d));
+            }
+            MalformedDetails::rewrite(&mut h);
+            tonic::Status::from_header_map(&h).expect("a status")
+        };
+        for kept in [None, Some("CAk"), Some("CAk=")] {
+            let s = status(kept);
+            assert_eq!(s.code(), Code::FailedPrecondition, "{kept:?}");
+            assert_eq!(s.message(), "precondition", "{kept:?}");
+        }
+        assert_eq!(status(Some("CAk")).details(), b"\x08\x09");
+        let s = status(Some("not base64!"));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(
+            s.message()
+                .starts_with("malformed grpc-status-details-bin from the server: "),
+            "{s:?}"
+        );
+        assert!(s.details().is_empty());
+    }
+
+    #[test]
     fn headers_are_rewritten_only_for_size_errors() {
         let mut h = HeaderMap::new();
         h.insert("grpc-status", HeaderValue::from_static("11"));
@@ -191,12 +315,12 @@ mod tests {
             "grpc-message",
             HeaderValue::from_static("Error,%20decoded%20message%20length%20too%20large"),
         );
-        rewrite(&mut h);
+        SizeLimit::rewrite(&mut h);
         assert_eq!(h["grpc-status"], "8");
         let mut h = HeaderMap::new();
         h.insert("grpc-status", HeaderValue::from_static("11"));
         h.insert("grpc-message", HeaderValue::from_static("other"));
-        rewrite(&mut h);
+        SizeLimit::rewrite(&mut h);
         assert_eq!(h["grpc-status"], "11");
     }
 }

@@ -16,10 +16,6 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use base64::{
-    Engine, alphabet,
-    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
-};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http::{
@@ -236,9 +232,7 @@ fn status_in(headers: &HeaderMap) -> Option<Result<(), Status>> {
     if code == "0" {
         return Some(Ok(()));
     }
-    if let Some(details) = headers.get(Status::GRPC_STATUS_DETAILS)
-        && let Err(e) = DETAILS.decode(details.as_bytes())
-    {
+    if let Some(e) = runmesh_runtime::status::malformed_details(headers) {
         return Some(Err(Status::internal(format!(
             "malformed grpc-status-details-bin from upstream: {e}"
         ))));
@@ -248,12 +242,6 @@ fn status_in(headers: &HeaderMap) -> Option<Result<(), Status>> {
         status => status.map(Err),
     }
 }
-
-/// How tonic decodes `grpc-status-details-bin`: standard alphabet, padding optional.
-const DETAILS: GeneralPurpose = GeneralPurpose::new(
-    &alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
 
 impl Stream for Messages {
     type Item = Result<Raw, Status>;
