@@ -77,15 +77,15 @@ impl CallArgs {
     }
 }
 
-/// A channel to `target`: h2c for `http://`, TLS with the system roots for `https://`.
-///
-/// It takes DATA frames of up to 64 KiB, as the services do: a server's ~32 KiB batch of
-/// streamed messages then arrives as one frame, not two or three of HTTP/2's default 16 KiB,
-/// which spares the sender and this client the per-frame work.
 /// A connection to a server, its statuses made safe to read ([`MalformedDetailsLayer`]): a
 /// foreign server's bad `grpc-status-details-bin` is `INTERNAL` here, not a panic in tonic.
 pub(crate) type Connection = RewriteStatus<Channel, MalformedDetails>;
 
+/// A connection to `target`: h2c for `http://`, TLS with the system roots for `https://`.
+///
+/// It takes DATA frames of up to 64 KiB, as the services do: a server's ~32 KiB batch of
+/// streamed messages then arrives as one frame, not two or three of HTTP/2's default 16 KiB,
+/// which spares the sender and this client the per-frame work.
 pub(crate) async fn connect(target: &str) -> Result<Connection, String> {
     let mut endpoint = Endpoint::from_shared(target.to_string())
         .map_err(|e| format!("bad --target {target:?}: {e}"))?

@@ -9,7 +9,8 @@
 //! - [`grpc_only`]: HTTP 415 for anything that is not `application/grpc`.
 //! - [`deadline`]: the caller's `grpc-timeout`, enforced on streams too (tonic only bounds the
 //!   response headers).
-//! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`.
+//! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`, and a
+//!   status with details that are not base64 to `INTERNAL` (tonic's client panics on those).
 //! - [`process`]: a service binary's whole `main`, and its `healthcheck` subcommand.
 //! - [`shutdown`]: SIGTERM / Ctrl-C, and the [`Drain`] signal handlers use to end long streams.
 
