@@ -26,7 +26,7 @@ use crate::Config;
 mod connection;
 mod grpc;
 
-pub use connection::{Connection, ResponseBody, Target, TransportError};
+pub use connection::{Connection, ResponseBody, Streaming, Target, TransportError};
 pub use grpc::{Grpc, Messages};
 
 /// The upstream connection with this hop's ID token added to every call.

@@ -5,19 +5,24 @@
 //! - [`telemetry`]: JSON logs in Cloud Logging's structured format, or text for a terminal.
 //! - [`serve()`]: h2c on an already-bound listener, health, reflection, auth, graceful drain.
 //! - [`observe`]: a span, an access-log line and RPC metrics per call, server and client side.
+//! - [`guarded`]: a response body that holds a permit or a count until the call is over.
 //! - [`limit`]: a bound on calls in flight, refused with `RESOURCE_EXHAUSTED` beyond it.
 //! - [`grpc_only`]: HTTP 415 for anything that is not `application/grpc`.
 //! - [`deadline`]: the caller's `grpc-timeout`, enforced on streams too (tonic only bounds the
 //!   response headers).
 //! - [`status`]: maps tonic's message-size `OUT_OF_RANGE` to gRPC's `RESOURCE_EXHAUSTED`, and a
 //!   status with details that are not base64 to `INTERNAL` (tonic's client panics on those).
+//! - [`coalesce`]: the answers of a connection's unary calls written together, one system call
+//!   for many; streams are never held back.
 //! - [`process`]: a service binary's whole `main`, and its `healthcheck` subcommand.
 //! - [`shutdown`]: SIGTERM / Ctrl-C, and the [`Drain`] signal handlers use to end long streams.
 
+pub mod coalesce;
 pub mod config;
 pub mod deadline;
 mod dispatch;
 pub mod grpc_only;
+pub mod guarded;
 pub mod limit;
 pub mod observe;
 pub mod process;

@@ -5,16 +5,15 @@
 //! the caller to back off, which is what gRPC's `RESOURCE_EXHAUSTED` means.
 
 use std::{
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use futures::future::{BoxFuture, Either};
-use http_body::{Body, Frame};
-use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
+
+use crate::guarded::GuardedBody;
 
 /// Adds [`InFlightLimit`] to a server.
 #[derive(Debug, Clone)]
@@ -82,10 +81,9 @@ where
                         "{}: overloaded: {} calls in flight; retry with backoff",
                         self.limit.service, self.limit.max
                     ));
-                    let res = status.into_http::<ResBody>().map(|inner| PermitBody {
-                        inner,
-                        _permit: None,
-                    });
+                    let res = status
+                        .into_http::<ResBody>()
+                        .map(|inner| PermitBody::new(inner, None));
                     return Either::Right(futures::future::ready(Ok(res)));
                 }
             }
@@ -93,49 +91,10 @@ where
         let fut = self.inner.call(req);
         Either::Left(Box::pin(async move {
             let res = fut.await?;
-            Ok(res.map(|inner| PermitBody {
-                inner,
-                _permit: permit,
-            }))
+            Ok(res.map(|inner| PermitBody::new(inner, permit)))
         }))
     }
 }
 
-pin_project! {
-    /// A response body that holds its call's permit until it is dropped.
-    #[derive(Debug)]
-    pub struct PermitBody<B> {
-        #[pin]
-        inner: B,
-        _permit: Option<OwnedSemaphorePermit>,
-    }
-}
-
-impl<B: Default> Default for PermitBody<B> {
-    fn default() -> Self {
-        Self {
-            inner: B::default(),
-            _permit: None,
-        }
-    }
-}
-
-impl<B: Body> Body for PermitBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body that holds its call's permit until it is dropped.
+pub type PermitBody<B> = GuardedBody<B, OwnedSemaphorePermit>;

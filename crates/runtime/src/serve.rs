@@ -2,7 +2,7 @@
 
 use std::{convert::Infallible, future::Future, pin::Pin, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use runmesh_auth::{ServerAuthConfig, ServerAuthLayer};
 use runmesh_proto::ping::v1::ping_service_server::{PingService, PingServiceServer};
 use tokio::net::TcpListener;
@@ -24,7 +24,10 @@ use tonic_health::{
 };
 
 use crate::{
-    Drain, ServerConfig, dispatch::Dispatch, limit::InFlightLimitLayer,
+    Drain, ServerConfig,
+    coalesce::{CoalescedIo, CountCallsLayer, OpenCalls, StreamingPaths},
+    dispatch::Dispatch,
+    limit::InFlightLimitLayer,
     status::SizeLimitStatusLayer,
 };
 
@@ -34,6 +37,12 @@ use crate::{
 /// three, which saves a frame's bookkeeping in `h2` and a read-buffer reallocation per frame.
 /// Measured on a relay's 1 KiB server stream: −13 % instructions per message, −9 % CPU.
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
+
+/// The APIs a runmesh server serves, for reflection and for telling its streaming calls apart.
+const DESCRIPTOR_SETS: [&[u8]; 2] = [
+    runmesh_proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+];
 
 /// What a service brings to [`serve`]: its gRPC service and how callers are authenticated.
 #[derive(Debug)]
@@ -126,9 +135,10 @@ where
     });
 
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(runmesh_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        DESCRIPTOR_SETS.iter().fold(
+            tonic_reflection::server::Builder::configure(),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
     };
     let reflection_v1 = reflection()
         .build_v1()
@@ -141,8 +151,17 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
+    // Reflection's own method streams too.
+    let streaming = StreamingPaths::from_descriptor_sets(DESCRIPTOR_SETS.into_iter().chain([
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]))
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+
     let local = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map_ok(|tcp| CoalescedIo::new(tcp, OpenCalls::server()));
 
     let grace = config.grace;
     let drain = app.drain.clone();
@@ -167,6 +186,8 @@ where
     let server = Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .max_frame_size(MAX_FRAME_SIZE)
+        // Outermost: it hands the layers below the `TcpConnectInfo` they expect.
+        .layer(CountCallsLayer::new(streaming))
         // Oversize messages get RESOURCE_EXHAUSTED, as gRPC's other implementations answer.
         .layer(SizeLimitStatusLayer)
         // tonic would read any body as gRPC; other content types get 415, as the spec asks.

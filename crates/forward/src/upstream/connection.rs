@@ -32,6 +32,7 @@ use http::{
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body::{Body, Frame};
+use runmesh_runtime::coalesce::{CoalescedIo, OpenCall, OpenCalls};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -52,6 +53,12 @@ const CONNECTION_WINDOW: u32 = 5 << 20;
 /// Request bytes a stream may queue before the sender waits for the upstream's window, so a
 /// fast caller cannot buffer without bound in the hop.
 const UNCONFIRMED_SEND: usize = 64 << 10;
+
+/// Marks a request (in its extensions) whose call streams either way, so its connection writes
+/// at once while it is open instead of coalescing the calls' writes
+/// ([`runmesh_runtime::coalesce`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Streaming;
 
 /// Why a call could not be made or finished on the connection.
 #[derive(Debug, thiserror::Error)]
@@ -146,9 +153,11 @@ impl Target {
         })
     }
 
-    /// TCP (and TLS) to the upstream, then the HTTP/2 handshake.
+    /// TCP (and TLS) to the upstream, then the HTTP/2 handshake; writes are coalesced as
+    /// `calls` says.
     async fn connect(
         &self,
+        calls: OpenCalls,
     ) -> Result<(SendRequest<Bytes>, h2::client::Connection<Io, Bytes>), BoxError> {
         let host = self.host.trim_matches(['[', ']']);
         let tcp = TcpStream::connect((host, self.port)).await?;
@@ -159,9 +168,9 @@ impl Target {
                 if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err("upstream did not agree to HTTP/2 (ALPN h2)".into());
                 }
-                Box::pin(tls)
+                Box::pin(CoalescedIo::new(tls, calls))
             }
-            None => Box::pin(tcp),
+            None => Box::pin(CoalescedIo::new(tcp, calls)),
         };
         Ok(h2::client::Builder::new()
             .enable_push(false)
@@ -208,7 +217,7 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Live {
     generation: u64,
-    send: Option<SendRequest<Bytes>>,
+    send: Option<(SendRequest<Bytes>, OpenCalls)>,
 }
 
 impl Connection {
@@ -225,9 +234,11 @@ impl Connection {
 }
 
 impl Inner {
-    fn live(&self) -> Option<(u64, SendRequest<Bytes>)> {
+    fn live(&self) -> Option<(u64, SendRequest<Bytes>, OpenCalls)> {
         let live = self.live.lock().expect("connection slot poisoned");
-        live.send.clone().map(|send| (live.generation, send))
+        live.send
+            .clone()
+            .map(|(send, calls)| (live.generation, send, calls))
     }
 
     /// Forgets connection `generation`, so the next call makes a new one.
@@ -238,7 +249,9 @@ impl Inner {
         }
     }
 
-    async fn handle(self: &Arc<Self>) -> Result<(u64, SendRequest<Bytes>), TransportError> {
+    async fn handle(
+        self: &Arc<Self>,
+    ) -> Result<(u64, SendRequest<Bytes>, OpenCalls), TransportError> {
         if let Some(live) = self.live() {
             return Ok(live);
         }
@@ -247,22 +260,24 @@ impl Inner {
             return Ok(live);
         }
         let target = &self.target;
-        let (send, connection) = tokio::time::timeout(CONNECT_TIMEOUT, target.connect())
-            .await
-            .map_err(|_| TransportError::ConnectTimeout(target.authority.clone()))?
-            .map_err(|source| TransportError::Connect {
-                authority: target.authority.clone(),
-                source,
-            })?;
+        let calls = OpenCalls::client();
+        let (send, connection) =
+            tokio::time::timeout(CONNECT_TIMEOUT, target.connect(calls.clone()))
+                .await
+                .map_err(|_| TransportError::ConnectTimeout(target.authority.clone()))?
+                .map_err(|source| TransportError::Connect {
+                    authority: target.authority.clone(),
+                    source,
+                })?;
         let generation = {
             let mut live = self.live.lock().expect("connection slot poisoned");
             live.generation += 1;
-            live.send = Some(send.clone());
+            live.send = Some((send.clone(), calls.clone()));
             live.generation
         };
         tokio::spawn(drive(connection, Arc::downgrade(self), generation));
         tracing::debug!(upstream = %target.authority, generation, "upstream connection made");
-        Ok((generation, send))
+        Ok((generation, send, calls))
     }
 
     async fn call<B>(
@@ -292,7 +307,9 @@ impl Inner {
             .entry(USER_AGENT)
             .or_insert_with(|| self.target.user_agent.clone());
 
-        let (generation, mut send) = self.handle().await?;
+        let streams = parts.extensions.remove::<Streaming>().is_some();
+        let (generation, mut send, calls) = self.handle().await?;
+        let open = calls.open(streams);
         let end = body.is_end_stream();
         let (response, stream) = send
             .send_request(http::Request::from_parts(parts, ()), end)
@@ -327,6 +344,7 @@ impl Inner {
             recv: Some(recv),
             data_done: false,
             _sending: sending,
+            _open: Some(open),
         }))
     }
 }
@@ -446,6 +464,8 @@ pub struct ResponseBody {
     recv: Option<RecvStream>,
     data_done: bool,
     _sending: Option<AbortOnDrop>,
+    /// Holds the call's place in its connection's count until the answer is dropped.
+    _open: Option<OpenCall>,
 }
 
 impl Body for ResponseBody {
@@ -588,6 +608,12 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"ping")))
             .unwrap();
         let response = connection.call(request).await.unwrap();
+        let (_, _, calls) = connection.inner.live().unwrap();
+        assert_eq!(
+            calls.counts(),
+            (1, 0),
+            "a unary call counts, and not as a stream"
+        );
         let body = response.into_body().collect().await.unwrap();
         let trailers = body.trailers().cloned().unwrap();
         assert_eq!(
@@ -598,6 +624,28 @@ mod tests {
             )
         );
         assert_eq!(trailers["grpc-status"], "0");
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_streaming_call_keeps_its_connection_writing_at_once_until_its_answer_is_gone() {
+        let (url, server) = echo_server().await;
+        let target = Target::new(&url, None, HeaderValue::from_static("t")).unwrap();
+        let mut connection = Connection::lazy(Arc::new(target));
+        let mut request = http::Request::post("/runmesh.ping.v1.PingService/Chat")
+            .body(Full::new(Bytes::from_static(b"ping")))
+            .unwrap();
+        request.extensions_mut().insert(Streaming);
+        let response = connection.call(request).await.unwrap();
+        let (_, _, calls) = connection.inner.live().unwrap();
+        assert_eq!(calls.counts(), (1, 1));
+        let body = response.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(
+            calls.counts(),
+            (0, 0),
+            "the call no longer counts once answered"
+        );
         server.await.unwrap();
     }
 

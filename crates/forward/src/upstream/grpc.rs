@@ -28,7 +28,7 @@ use runmesh_proto::raw::Raw;
 use tonic::{Code, Request, Status};
 use tower::{Service, ServiceExt};
 
-use super::{ResponseBody, UpstreamChannel};
+use super::{ResponseBody, Streaming, UpstreamChannel};
 use crate::framing::{Batch, Deframe};
 
 /// The four call shapes of one API on one upstream connection.
@@ -54,7 +54,7 @@ impl Grpc {
         request: Request<Raw>,
     ) -> Result<Raw, Status> {
         let request = request.map(|message| futures::stream::once(async { message }));
-        self.client_streaming(path, request).await
+        one_answer(self.call(path, request, false).await?).await
     }
 
     /// One request message; answer messages as they arrive.
@@ -64,7 +64,7 @@ impl Grpc {
         request: Request<Raw>,
     ) -> Result<Messages, Status> {
         let request = request.map(|message| futures::stream::once(async { message }));
-        self.streaming(path, request).await
+        self.call(path, request, true).await
     }
 
     /// Request messages as `request` yields them, one answer.
@@ -76,15 +76,7 @@ impl Grpc {
     where
         S: Stream<Item = Raw> + Send + 'static,
     {
-        let mut answer = self.streaming(path, request).await?;
-        let message = answer
-            .next()
-            .await
-            .transpose()?
-            .ok_or_else(|| Status::internal("Missing response message."))?;
-        // The status comes after the message: a failure there fails the call.
-        while answer.next().await.transpose()?.is_some() {}
-        Ok(message)
+        one_answer(self.call(path, request, true).await?).await
     }
 
     /// Request messages as `request` yields them; answer messages as they arrive.
@@ -92,6 +84,19 @@ impl Grpc {
         &mut self,
         path: &'static str,
         request: Request<S>,
+    ) -> Result<Messages, Status>
+    where
+        S: Stream<Item = Raw> + Send + 'static,
+    {
+        self.call(path, request, true).await
+    }
+
+    /// Calls `path`; a call that `streams` either way keeps its connection writing at once.
+    async fn call<S>(
+        &mut self,
+        path: &'static str,
+        request: Request<S>,
+        streams: bool,
     ) -> Result<Messages, Status>
     where
         S: Stream<Item = Raw> + Send + 'static,
@@ -109,6 +114,9 @@ impl Grpc {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = Uri::from_static(path);
         *request.headers_mut() = headers;
+        if streams {
+            request.extensions_mut().insert(Streaming);
+        }
         let response = ServiceExt::<http::Request<Framed<S>>>::ready(&mut self.channel)
             .await
             .map_err(|e| Status::from_error(Box::new(e)))?
@@ -117,6 +125,18 @@ impl Grpc {
             .map_err(|e| Status::from_error(Box::new(e)))?;
         Messages::from_response(response, self.max_message_size)
     }
+}
+
+/// The one message of a unary answer, once its status is OK.
+async fn one_answer(mut answer: Messages) -> Result<Raw, Status> {
+    let message = answer
+        .next()
+        .await
+        .transpose()?
+        .ok_or_else(|| Status::internal("Missing response message."))?;
+    // The status comes after the message: a failure there fails the call.
+    while answer.next().await.transpose()?.is_some() {}
+    Ok(message)
 }
 
 pin_project! {
