@@ -16,6 +16,12 @@
 //! streaming call is open on the connection. [`OpenCalls`] counts both, from the method's
 //! descriptor ([`StreamingPaths`]) on the server side and from the call's shape on a hop's
 //! upstream connection.
+//!
+//! A server learns of its calls late: hyper hands a request to the service stack only when the
+//! request's own task first runs, so by the time the first answer is written the calls read with
+//! it have not reached [`CountCallsLayer`] yet. A server's [`CoalescedIo`] therefore also counts
+//! the calls its client starts as their HEADERS frames are read ([`NewStreams`]), until the
+//! layer takes them over.
 
 use std::{
     collections::HashSet,
@@ -47,33 +53,48 @@ pub struct OpenCalls(Arc<Counts>);
 struct Counts {
     all: AtomicUsize,
     streaming: AtomicUsize,
+    /// Calls a server has read the start of that have not been opened yet.
+    announced: AtomicUsize,
     /// Open calls from which a write waits: one more than the call that may be writing.
     coalesce_from: usize,
+    /// Whether the connection is a server's, whose calls are announced by the bytes it reads.
+    server: bool,
 }
 
 impl OpenCalls {
     /// A server connection's calls. An answer is written once its call has closed (the body
-    /// handed over whole), so any call still open may be about to answer too.
+    /// handed over whole), so any call still open, or read and not yet run, may be about to
+    /// answer too.
     pub fn server() -> Self {
-        Self::coalescing_from(1)
+        Self::coalescing_from(1, true)
     }
 
     /// A client connection's calls. A request is written while its own call is open, so it
     /// waits only for a second one.
     pub fn client() -> Self {
-        Self::coalescing_from(2)
+        Self::coalescing_from(2, false)
     }
 
-    fn coalescing_from(coalesce_from: usize) -> Self {
+    fn coalescing_from(coalesce_from: usize, server: bool) -> Self {
         Self(Arc::new(Counts {
             all: AtomicUsize::new(0),
             streaming: AtomicUsize::new(0),
+            announced: AtomicUsize::new(0),
             coalesce_from,
+            server,
         }))
     }
 
-    /// Counts a call until the returned guard is dropped.
+    /// Counts a call until the returned guard is dropped; on a server, it is one of the calls
+    /// announced before.
     pub fn open(&self, streaming: bool) -> OpenCall {
+        if self.0.server {
+            // A call whose start was not read (another transport) was never announced.
+            let _ = self
+                .0
+                .announced
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
         self.0.all.fetch_add(1, Ordering::Relaxed);
         if streaming {
             self.0.streaming.fetch_add(1, Ordering::Relaxed);
@@ -92,11 +113,12 @@ impl OpenCalls {
         )
     }
 
-    /// Whether a write should wait for other calls' frames: another call is open, and none
-    /// streams.
+    /// Whether a write should wait for other calls' frames: another call is open or about to
+    /// be, and none streams.
     pub fn coalesce(&self) -> bool {
         self.0.streaming.load(Ordering::Relaxed) == 0
-            && self.0.all.load(Ordering::Relaxed) >= self.0.coalesce_from
+            && self.0.all.load(Ordering::Relaxed) + self.0.announced.load(Ordering::Relaxed)
+                >= self.0.coalesce_from
     }
 }
 
@@ -137,17 +159,82 @@ pin_project! {
         io: T,
         calls: OpenCalls,
         turn: Turn,
+        // A server's: the calls its client starts.
+        streams: Option<NewStreams>,
     }
 }
 
 impl<T> CoalescedIo<T> {
     /// `io`, whose calls `calls` counts.
     pub fn new(io: T, calls: OpenCalls) -> Self {
+        let streams = calls.0.server.then(NewStreams::after_preface);
         Self {
             io,
             calls,
             turn: Turn::Idle,
+            streams,
         }
+    }
+}
+
+/// The calls a client starts, found in the bytes a server reads: every HEADERS frame on a
+/// stream numbered above all before it opens one (RFC 9113, 5.1.1). Only the frame headers are
+/// looked at; `h2` checks the rest.
+#[derive(Debug)]
+struct NewStreams {
+    /// Bytes of the client's connection preface still to come.
+    preface: usize,
+    head: [u8; FRAME_HEAD],
+    head_len: usize,
+    /// Bytes of the current frame's payload still to come.
+    payload: usize,
+    last_stream: u32,
+}
+
+const FRAME_HEAD: usize = 9;
+const HEADERS: u8 = 0x1;
+
+impl NewStreams {
+    fn after_preface() -> Self {
+        Self {
+            preface: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
+            head: [0; FRAME_HEAD],
+            head_len: 0,
+            payload: 0,
+            last_stream: 0,
+        }
+    }
+
+    /// How many calls `bytes`, the next ones read, start.
+    fn count(&mut self, mut bytes: &[u8]) -> usize {
+        let skip = self.preface.min(bytes.len());
+        self.preface -= skip;
+        bytes = &bytes[skip..];
+        let mut started = 0;
+        while !bytes.is_empty() {
+            if self.payload > 0 {
+                let skip = self.payload.min(bytes.len());
+                self.payload -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (FRAME_HEAD - self.head_len).min(bytes.len());
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&bytes[..take]);
+            self.head_len += take;
+            bytes = &bytes[take..];
+            if self.head_len < FRAME_HEAD {
+                break;
+            }
+            self.head_len = 0;
+            let [l0, l1, l2, kind, _flags, s0, s1, s2, s3] = self.head;
+            self.payload = u32::from_be_bytes([0, l0, l1, l2]) as usize;
+            let stream = u32::from_be_bytes([s0 & 0x7f, s1, s2, s3]);
+            if kind == HEADERS && stream > self.last_stream {
+                self.last_stream = stream;
+                started += 1;
+            }
+        }
+        started
     }
 }
 
@@ -182,7 +269,14 @@ impl<T: AsyncRead> AsyncRead for CoalescedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.project();
+        let before = buf.filled().len();
         let read = this.io.poll_read(cx, buf);
+        if let (Some(streams), Poll::Ready(Ok(()))) = (this.streams, &read) {
+            let started = streams.count(&buf.filled()[before..]);
+            if started > 0 {
+                this.calls.0.announced.fetch_add(started, Ordering::Relaxed);
+            }
+        }
         if read.is_pending() && *this.turn == Turn::Writing {
             *this.turn = Turn::Idle;
         }
@@ -366,7 +460,7 @@ mod tests {
     };
 
     use http_body_util::Empty;
-    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tonic::codegen::Bytes;
     use tower::ServiceExt;
 
@@ -510,6 +604,85 @@ mod tests {
             WAITED,
             "another call may be about to answer"
         );
+    }
+
+    /// An HTTP/2 frame: 9-byte head, then `payload`.
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes()[1..].to_vec();
+        frame.extend([kind, 0]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    const DATA: u8 = 0x0;
+    const SETTINGS: u8 = 0x4;
+    const CONTINUATION: u8 = 0x9;
+
+    /// A client's first bytes: the preface, SETTINGS, and HEADERS opening streams 1 and 3.
+    fn client_start() -> Vec<u8> {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(SETTINGS, 0, &[0; 6]));
+        bytes.extend(frame(HEADERS, 1, &frame(HEADERS, 7, &[])));
+        bytes.extend(frame(CONTINUATION, 1, &[]));
+        bytes.extend(frame(HEADERS, 3, &[]));
+        bytes
+    }
+
+    fn announced(calls: &OpenCalls) -> usize {
+        calls.0.announced.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn the_calls_a_client_starts_are_its_headers_on_new_streams() {
+        let mut bytes = client_start();
+        bytes.extend(frame(DATA, 3, &frame(HEADERS, 9, &[1; 40])));
+        bytes.extend(frame(HEADERS, 1, &[]));
+        bytes.extend(frame(HEADERS, 5, &[2; 300]));
+        let expected = 3; // streams 1, 3, 5; not 7 or 9 inside payloads, not 1's trailers
+        assert_eq!(NewStreams::after_preface().count(&bytes), expected);
+        for size in [1, 2, 9, 10, 17] {
+            let mut streams = NewStreams::after_preface();
+            let found: usize = bytes.chunks(size).map(|c| streams.count(c)).sum();
+            assert_eq!(found, expected, "read {size} bytes at a time");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_waits_for_the_calls_it_has_read_the_start_of() {
+        let calls = OpenCalls::server();
+        let mut conn = Conn::new(calls.clone());
+        conn.peer.write_all(&client_start()).await.unwrap();
+        let mut buf = [0; 256];
+        let n = conn.io.read(&mut buf).await.unwrap();
+        assert_eq!(n, client_start().len());
+        assert_eq!(announced(&calls), 2);
+        conn.read_nothing();
+        assert_eq!(
+            conn.write(b"a"),
+            WAITED,
+            "calls read and not yet run may be about to answer"
+        );
+        assert_eq!(conn.write(b"a"), WROTE);
+        let first = calls.open(false);
+        assert_eq!((announced(&calls), calls.counts()), (1, (1, 0)));
+        drop((first, calls.open(false)));
+        assert_eq!((announced(&calls), calls.counts()), (0, (0, 0)));
+        conn.read_nothing();
+        assert_eq!(conn.write(b"b"), WROTE, "every call read has answered");
+        drop(calls.open(false));
+        assert_eq!(
+            announced(&calls),
+            0,
+            "a call not read here was not announced"
+        );
+
+        let client = OpenCalls::client();
+        let mut conn = Conn::new(client.clone());
+        conn.peer.write_all(&client_start()).await.unwrap();
+        let n = conn.io.read(&mut buf).await.unwrap();
+        assert_eq!(n, client_start().len());
+        assert_eq!(announced(&client), 0, "a client's calls are its own");
     }
 
     fn reflected_paths() -> StreamingPaths {

@@ -5,6 +5,7 @@
 //! that fails or panics leaves nothing running.
 
 use std::{
+    io::Cursor,
     net::TcpListener as StdListener,
     path::PathBuf,
     process::Stdio,
@@ -234,7 +235,25 @@ impl Service {
     pub async fn client(&self) -> PingServiceClient<Channel> {
         client(&self.url).await
     }
+
+    /// A connection to this service through the `h2` crate, for frames tonic would not send.
+    pub async fn h2_client(&self) -> H2Client {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        let (client, connection) = h2::client::Builder::new()
+            .handshake::<_, Cursor<Vec<u8>>>(tcp)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
 }
+
+/// A raw HTTP/2 client ([`Service::h2_client`]).
+pub type H2Client = h2::client::SendRequest<Cursor<Vec<u8>>>;
 
 /// A client for `url` (h2c).
 pub async fn client(url: &str) -> PingServiceClient<Channel> {

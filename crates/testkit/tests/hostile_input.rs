@@ -17,7 +17,7 @@ use runmesh_proto::{
     prost::Message,
     tonic::{Code, Request},
 };
-use runmesh_testkit::Service;
+use runmesh_testkit::{H2Client, Service};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -36,8 +36,6 @@ const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-type H2Client = h2::client::SendRequest<Cursor<Vec<u8>>>;
 
 async fn ping() -> Service {
     Service::start(
@@ -105,21 +103,6 @@ async fn assert_still_serving(service: &Service) {
         "ping panicked:\n{}",
         service.proc.lines().join("\n")
     );
-}
-
-/// An HTTP/2 connection through the `h2` crate.
-async fn h2_connect(service: &Service) -> H2Client {
-    let tcp = TcpStream::connect(("127.0.0.1", service.port))
-        .await
-        .expect("connect");
-    let (client, connection) = h2::client::Builder::new()
-        .handshake::<_, Cursor<Vec<u8>>>(tcp)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
 }
 
 /// A gRPC length-prefixed message: compressed flag, 4-byte big-endian length, bytes.
@@ -235,7 +218,7 @@ async fn grpc_call(client: &H2Client, path: &str, body: Vec<u8>) -> Outcome {
 async fn a_valid_raw_call_is_answered_ok() {
     // The raw client itself is sound: the same path with a well-formed frame succeeds.
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("raw");
         let body = grpc_frame(false, message.len() as u32, &message);
         let outcome = grpc_call(&client, SEND, body).await;
@@ -247,7 +230,7 @@ async fn a_valid_raw_call_is_answered_ok() {
 #[tokio::test]
 async fn a_length_prefix_longer_than_the_body_is_internal() {
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("short");
         let body = grpc_frame(false, message.len() as u32 + 100, &message);
         let outcome = grpc_call(&client, SEND, body).await;
@@ -262,7 +245,7 @@ async fn a_length_prefix_longer_than_the_body_is_internal() {
 #[tokio::test]
 async fn a_compressed_frame_without_grpc_encoding_is_internal() {
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("squeezed");
         let body = grpc_frame(true, message.len() as u32, &message);
         let outcome = grpc_call(&client, SEND, body).await;
@@ -281,7 +264,7 @@ async fn a_broken_frame_inside_a_request_stream_is_internal() {
     // Good messages first: the hop has already passed them on when the broken one arrives, and
     // must fail the call rather than let upstream see a clean end of the stream.
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("fine");
         let mut body = grpc_frame(false, message.len() as u32, &message);
         body.extend(grpc_frame(false, message.len() as u32, &message));
@@ -304,7 +287,7 @@ async fn a_broken_frame_inside_a_request_stream_is_internal() {
 #[tokio::test]
 async fn an_unsupported_grpc_encoding_is_unimplemented() {
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("zipped");
         let body = grpc_frame(true, message.len() as u32, &message);
         let headers = [
@@ -320,7 +303,7 @@ async fn an_unsupported_grpc_encoding_is_unimplemented() {
 #[tokio::test]
 async fn a_length_prefix_over_the_message_limit_is_resource_exhausted() {
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         // Claims 4 GiB, sends a few bytes: refused on the prefix alone, nothing buffered.
         let outcome = grpc_call(&client, SEND, grpc_frame(false, u32::MAX, b"tiny")).await;
         assert_eq!(outcome.code(), Some(Code::ResourceExhausted), "{outcome:?}");
@@ -347,7 +330,7 @@ async fn a_length_prefix_over_the_message_limit_is_resource_exhausted() {
 #[tokio::test]
 async fn garbage_protobuf_is_internal() {
     let service = ping().await;
-    let client = h2_connect(&service).await;
+    let client = service.h2_client().await;
     let garbage: [&[u8]; 4] = [
         // Field 1, length-delimited, length far past the end.
         &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
@@ -397,7 +380,7 @@ async fn garbage_protobuf_through_a_relay_is_internal_from_ping() {
         ],
     )
     .await;
-    let client = h2_connect(&relay).await;
+    let client = relay.h2_client().await;
     let garbage: &[u8] = &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f];
     let outcome = grpc_call(
         &client,
@@ -420,7 +403,7 @@ async fn a_non_grpc_content_type_is_refused() {
     // gRPC over HTTP/2: "If Content-Type does not begin with application/grpc, gRPC servers
     // SHOULD respond with HTTP status of 415 (Unsupported Media Type)". grpc-go does.
     let service = ping().await;
-    let client = h2_connect(&service).await;
+    let client = service.h2_client().await;
     let message = send_request_bytes("json?");
     for content_type in ["application/json", "text/plain"] {
         let body = grpc_frame(false, message.len() as u32, &message);
@@ -445,7 +428,7 @@ async fn a_non_grpc_content_type_is_refused() {
 #[tokio::test]
 async fn an_unknown_method_or_service_is_unimplemented() {
     for Target { service, .. } in &ping_and_relay().await {
-        let client = h2_connect(service).await;
+        let client = service.h2_client().await;
         let message = send_request_bytes("who?");
         for path in [
             "/runmesh.ping.v1.PingService/Nope",
@@ -715,7 +698,7 @@ async fn a_rapid_reset_flood_leaves_the_service_serving() {
     );
     drop(tcp);
     // The same through the h2 crate, as a well-behaved client library would send it.
-    let client = h2_connect(&service).await;
+    let client = service.h2_client().await;
     for _ in 0..1000 {
         let request = http::Request::builder()
             .method("POST")
