@@ -41,7 +41,33 @@ use self::{
 };
 use runmesh_runtime::status::code_name;
 
-use crate::call::{Connection, connect};
+use runmesh_forward::upstream::{self, Streaming};
+use runmesh_runtime::status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus};
+use tonic::codegen::http::HeaderValue;
+use tower::Layer;
+
+/// A connection to the server under load: a hop's own upstream connection
+/// ([`upstream::connection`]), so the load generator costs as little per call as a hop's
+/// client half, and its requests leave together as a hop's do. Statuses are made safe to read
+/// as the other commands' are (`crate::call::Connection`).
+type Connection = RewriteStatus<upstream::Connection, MalformedDetails>;
+
+/// A connection to `target`, made before the run starts: h2c for `http://`, TLS with the
+/// system roots for `https://`.
+async fn connect(target: &str) -> Result<Connection, String> {
+    let url = url::Url::parse(target).map_err(|e| format!("bad --target {target:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("bad --target {target:?}: not http:// or https://"));
+    }
+    let user_agent = HeaderValue::from_static(concat!("runmesh-bench/", env!("CARGO_PKG_VERSION")));
+    let connection =
+        upstream::connection(&url, user_agent).map_err(|e| format!("--target {target}: {e}"))?;
+    connection
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    Ok(MalformedDetailsLayer.layer(connection))
+}
 
 /// Which RPC to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -195,6 +221,10 @@ impl Shared {
                 .insert("authorization", token.clone());
         }
         request.set_timeout(self.plan.timeout);
+        if self.plan.kind != BenchKind::Unary {
+            // A stream's writes must not wait for other calls' (`runmesh_runtime::coalesce`).
+            request.extensions_mut().insert(Streaming);
+        }
         request
     }
 

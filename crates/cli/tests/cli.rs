@@ -144,3 +144,99 @@ fn up_brings_the_mesh_up_and_chains_all_four_calls() {
     assert!(stdout.contains("all four calls went gateway → relay → ping"));
     assert!(stdout.contains("mesh stopped"));
 }
+
+#[tokio::test]
+async fn a_bench_s_calls_in_flight_are_answered_in_batches() {
+    let ping = Service::start(
+        "ping",
+        &[
+            ("AUTH_MODE", "off".into()),
+            ("WORKER_THREADS", "1".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    )
+    .await;
+    let calls = 2000;
+    let before = ping.proc.writes();
+    let out = runmesh(&[
+        "bench",
+        "--target",
+        &ping.url,
+        "--connections",
+        "1",
+        "--concurrency",
+        "16",
+        "--requests",
+        &calls.to_string(),
+        "--duration",
+        "60s",
+        "--warmup",
+        "0s",
+        "--json",
+    ]);
+    let result = &json_lines(&out)[0];
+    assert_eq!(result["calls"], calls, "{result}");
+    assert_eq!(result["errors"], serde_json::json!({}), "{result}");
+    // Requests that arrive together are answered together (`runmesh_runtime::coalesce`).
+    let per_call = (ping.proc.writes() - before) as f64 / f64::from(calls);
+    assert!(
+        per_call <= 0.5,
+        "ping made {per_call:.2} writes per call under 16 calls in flight"
+    );
+}
+
+// `runmesh` runs blocking this test's thread; another worker drains ping's log lines meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_errors_by_status_and_refuses_what_it_cannot_load() {
+    let ping = Service::start(
+        "ping",
+        &[
+            ("AUTH_AUDIENCE", "http://ping".into()),
+            ("AUTH_JWKS_URL", "http://127.0.0.1:1/jwks".into()),
+        ],
+    )
+    .await;
+    let bench = |target: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--target",
+            target,
+            "--requests",
+            "50",
+            "--duration",
+            "60s",
+            "--warmup",
+            "0s",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        runmesh(&args)
+    };
+    for kind in ["unary", "server-stream", "bidi"] {
+        let out = bench(&ping.url, &["--kind", kind]);
+        assert!(!out.status.success(), "{kind}: no call succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no call succeeded; first error: UNAUTHENTICATED: missing bearer token"),
+            "{kind}: {err}"
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the report");
+        assert_eq!(
+            result["errors"],
+            serde_json::json!({"UNAUTHENTICATED": 50}),
+            "{kind} without a token: {result}"
+        );
+    }
+
+    for (target, error) in [
+        ("http://127.0.0.1:1", "cannot connect to http://127.0.0.1:1"),
+        ("ftp://127.0.0.1:1", "bad --target \"ftp://127.0.0.1:1\""),
+        ("127.0.0.1:8080", "bad --target \"127.0.0.1:8080\""),
+    ] {
+        let out = bench(target, &[]);
+        assert!(!out.status.success(), "{target}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(error), "{target}: {err}");
+    }
+}

@@ -65,20 +65,22 @@ fn tls_connector() -> Result<TlsConnector, BoxError> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// Where `config`'s upstream is and how to reach it.
-fn target(config: &Config) -> Result<Target, BoxError> {
-    let url = &config.upstream_url;
+/// Where `url` is and how to reach it: TLS with the system's roots for `https://`.
+fn target(url: &url::Url, user_agent: HeaderValue) -> Result<Target, BoxError> {
     let tls = if url.scheme() == "https" {
         Some(tls_connector()?)
     } else {
         None
     };
-    let user_agent = HeaderValue::from_str(&format!(
-        "runmesh-{}/{}",
-        config.role.name(),
-        env!("CARGO_PKG_VERSION")
-    ))?;
     Target::new(url, tls, user_agent)
+}
+
+/// A connection to `url` with no token layer, for a client that is not a hop: `runmesh bench`
+/// loads services through it, so that what it costs per call is a hop's client half, not
+/// tonic's `Channel` (a `tower::buffer` task, hyper's dispatch task, a task per call, a write
+/// per request).
+pub fn connection(url: &url::Url, user_agent: HeaderValue) -> Result<Connection, BoxError> {
+    Ok(Connection::lazy(Arc::new(target(url, user_agent)?)))
 }
 
 /// The hop's upstream connections, each with the ID-token layer; cloning shares them.
@@ -99,9 +101,17 @@ impl Upstream {
 /// Builds the shared upstream connections; must run inside the tokio runtime (the token source
 /// starts its background refresh there). One token source serves them all.
 pub fn connect(config: &Config) -> Result<Upstream, UpstreamError> {
-    let target = Arc::new(target(config).map_err(|source| UpstreamError::Target {
-        url: config.upstream_url.clone(),
-        source,
+    let user_agent = HeaderValue::from_str(&format!(
+        "runmesh-{}/{}",
+        config.role.name(),
+        env!("CARGO_PKG_VERSION")
+    ))
+    .expect("a role name and a version make a header value");
+    let target = Arc::new(target(&config.upstream_url, user_agent).map_err(|source| {
+        UpstreamError::Target {
+            url: config.upstream_url.clone(),
+            source,
+        }
     })?);
     let layer = match config.upstream_auth.mode {
         UpstreamAuth::Google => {

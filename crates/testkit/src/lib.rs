@@ -156,6 +156,17 @@ impl Proc {
         self.status_kib("VmHWM:")
     }
 
+    /// Write system calls the process has made so far (`syscw` in `/proc/PID/io`): what it
+    /// really did, however slow or busy the machine is.
+    pub fn writes(&self) -> u64 {
+        let pid = self.pid().expect("process running");
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscw: "))
+            .and_then(|n| n.parse().ok())
+            .expect("syscw in /proc/PID/io")
+    }
+
     /// Open file descriptors now.
     pub fn fd_count(&self) -> usize {
         let pid = self.pid().expect("process running");

@@ -2,8 +2,7 @@
 //!
 //! Each answer is made by its call's own task, which wakes the connection's task; with one
 //! worker, tokio runs that task next, and without coalescing it wrote that one answer
-//! (`runmesh_runtime::coalesce`). The count comes from the kernel (`syscw` in `/proc/PID/io`),
-//! so it is what the process really did, and it holds however slow or busy the machine is.
+//! (`runmesh_runtime::coalesce`). The count comes from the kernel ([`runmesh_testkit::Proc::writes`]).
 
 use std::{io::Cursor, time::Duration};
 
@@ -26,16 +25,6 @@ fn quiet(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     ];
     env.extend_from_slice(extra);
     env
-}
-
-/// Write system calls `service` has made so far.
-fn writes(service: &Service) -> u64 {
-    let pid = service.proc.pid().expect("running");
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("syscw: "))
-        .and_then(|n| n.parse().ok())
-        .expect("syscw in /proc/PID/io")
 }
 
 /// One unary `Send` that must be answered OK.
@@ -77,14 +66,14 @@ async fn send(client: &H2Client) {
 async fn writes_per_call(target: &Service, counted: &Service) -> f64 {
     let client = target.h2_client().await;
     send(&client).await;
-    let before = writes(counted);
+    let before = counted.proc.writes();
     for _ in 0..ROUNDS {
         let round = join_all((0..CALLS).map(|_| send(&client)));
         timeout(Duration::from_secs(10), round)
             .await
             .expect("a round is answered");
     }
-    (writes(counted) - before) as f64 / (ROUNDS * CALLS) as f64
+    (counted.proc.writes() - before) as f64 / (ROUNDS * CALLS) as f64
 }
 
 #[tokio::test]

@@ -233,6 +233,14 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Makes the connection now rather than at the first call, for a client that would rather
+    /// fail at once.
+    pub async fn connect(&self) -> Result<(), TransportError> {
+        self.inner.handle().await.map(|_| ())
+    }
+}
+
 impl Inner {
     fn live(&self) -> Option<(u64, SendRequest<Bytes>, OpenCalls)> {
         let live = self.live.lock().expect("connection slot poisoned");
