@@ -435,6 +435,10 @@ impl Harness {
             .args(["--target", &scenario.target, "--json"])
             .args(flags)
             .env("RUNMESH_TOKEN", &scenario.token)
+            // One thread, as h2load runs by default: with a thread per core the client took
+            // CPU from a hop on one thread as well, which then spent a quarter of its time
+            // waiting to run (2026-12-06: a relay kept 38 % of direct, 51 % under h2load).
+            .env("TOKIO_WORKER_THREADS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
