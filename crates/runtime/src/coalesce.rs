@@ -53,7 +53,9 @@ pub struct OpenCalls(Arc<Counts>);
 struct Counts {
     all: AtomicUsize,
     streaming: AtomicUsize,
-    /// Calls a server has read the start of that have not been opened yet.
+    /// Calls a server has read the start of that have not been opened yet. A stream refused or
+    /// reset before its call runs stays counted, so that connection's writes keep waiting a pass
+    /// (a misbehaving client slows only its own connection, and never a stream).
     announced: AtomicUsize,
     /// Open calls from which a write waits: one more than the call that may be writing.
     coalesce_from: usize,
@@ -167,7 +169,7 @@ pin_project! {
 impl<T> CoalescedIo<T> {
     /// `io`, whose calls `calls` counts.
     pub fn new(io: T, calls: OpenCalls) -> Self {
-        let streams = calls.0.server.then(NewStreams::after_preface);
+        let streams = calls.0.server.then(NewStreams::expecting_preface);
         Self {
             io,
             calls,
@@ -195,7 +197,8 @@ const FRAME_HEAD: usize = 9;
 const HEADERS: u8 = 0x1;
 
 impl NewStreams {
-    fn after_preface() -> Self {
+    /// A connection's scanner, which first skips the client's connection preface.
+    fn expecting_preface() -> Self {
         Self {
             preface: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
             head: [0; FRAME_HEAD],
@@ -640,9 +643,9 @@ mod tests {
         bytes.extend(frame(HEADERS, 1, &[]));
         bytes.extend(frame(HEADERS, 5, &[2; 300]));
         let expected = 3; // streams 1, 3, 5; not 7 or 9 inside payloads, not 1's trailers
-        assert_eq!(NewStreams::after_preface().count(&bytes), expected);
+        assert_eq!(NewStreams::expecting_preface().count(&bytes), expected);
         for size in [1, 2, 9, 10, 17] {
-            let mut streams = NewStreams::after_preface();
+            let mut streams = NewStreams::expecting_preface();
             let found: usize = bytes.chunks(size).map(|c| streams.count(c)).sum();
             assert_eq!(found, expected, "read {size} bytes at a time");
         }
