@@ -24,27 +24,25 @@ use std::{
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use runmesh_forward::upstream::{self, Streaming};
 use runmesh_proto::ping::v1::{
     SendRequest, SendStreamRequest, ping_service_client::PingServiceClient,
 };
+use runmesh_runtime::status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus, code_name};
 use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Status,
+    codegen::http::HeaderValue,
     metadata::{Ascii, MetadataValue},
 };
+use tower::Layer;
 
 use self::{
     schedule::Schedule,
     stats::{Latency, Tally},
 };
-use runmesh_runtime::status::code_name;
-
-use runmesh_forward::upstream::{self, Streaming};
-use runmesh_runtime::status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus};
-use tonic::codegen::http::HeaderValue;
-use tower::Layer;
 
 /// A connection to the server under load: a hop's own upstream connection
 /// ([`upstream::connection`]), so the load generator costs as little per call as a hop's
