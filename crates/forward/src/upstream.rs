@@ -101,18 +101,19 @@ impl Upstream {
 /// Builds the shared upstream connections; must run inside the tokio runtime (the token source
 /// starts its background refresh there). One token source serves them all.
 pub fn connect(config: &Config) -> Result<Upstream, UpstreamError> {
-    let user_agent = HeaderValue::from_str(&format!(
+    let user_agent = format!(
         "runmesh-{}/{}",
         config.role.name(),
         env!("CARGO_PKG_VERSION")
-    ))
-    .expect("a role name and a version make a header value");
-    let target = Arc::new(target(&config.upstream_url, user_agent).map_err(|source| {
-        UpstreamError::Target {
+    );
+    let target = HeaderValue::from_str(&user_agent)
+        .map_err(BoxError::from)
+        .and_then(|user_agent| target(&config.upstream_url, user_agent))
+        .map_err(|source| UpstreamError::Target {
             url: config.upstream_url.clone(),
             source,
-        }
-    })?);
+        })?;
+    let target = Arc::new(target);
     let layer = match config.upstream_auth.mode {
         UpstreamAuth::Google => {
             let metadata = config

@@ -231,9 +231,7 @@ impl Connection {
             }),
         }
     }
-}
 
-impl Connection {
     /// Makes the connection now rather than at the first call, for a client that would rather
     /// fail at once.
     pub async fn connect(&self) -> Result<(), TransportError> {
