@@ -193,6 +193,8 @@ struct NewStreams {
     last_stream: u32,
 }
 
+/// What an HTTP/2 client sends first (RFC 9113, 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEAD: usize = 9;
 const HEADERS: u8 = 0x1;
 
@@ -200,7 +202,7 @@ impl NewStreams {
     /// A connection's scanner, which first skips the client's connection preface.
     fn expecting_preface() -> Self {
         Self {
-            preface: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".len(),
+            preface: PREFACE.len(),
             head: [0; FRAME_HEAD],
             head_len: 0,
             payload: 0,
@@ -624,7 +626,7 @@ mod tests {
 
     /// A client's first bytes: the preface, SETTINGS, and HEADERS opening streams 1 and 3.
     fn client_start() -> Vec<u8> {
-        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut bytes = PREFACE.to_vec();
         bytes.extend(frame(SETTINGS, 0, &[0; 6]));
         bytes.extend(frame(HEADERS, 1, &frame(HEADERS, 7, &[])));
         bytes.extend(frame(CONTINUATION, 1, &[]));
