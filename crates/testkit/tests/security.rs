@@ -186,18 +186,44 @@ impl KeyedIdp {
         std::fs::write(key_file.path(), issuer.signing_key_pem()).expect("write key");
         let same_key = Issuer::from_pem_files(&[key_file.path().to_path_buf()]).expect("reload");
         assert_eq!(same_key.kid(), issuer.kid());
-        let idp = Self {
+        let mut idp = Self {
             key_file,
-            api: format!("127.0.0.1:{}", free_port()),
-            identities: [GATEWAY_SA, RELAY_SA]
-                .iter()
-                .map(|e| (e.to_string(), format!("127.0.0.1:{}", free_port())))
-                .collect(),
+            api: String::new(),
+            identities: Vec::new(),
         };
+        idp.pick_ports();
         (idp, same_key)
     }
 
+    fn pick_ports(&mut self) {
+        self.api = format!("127.0.0.1:{}", free_port());
+        self.identities = [GATEWAY_SA, RELAY_SA]
+            .iter()
+            .map(|e| (e.to_string(), format!("127.0.0.1:{}", free_port())))
+            .collect();
+    }
+
+    /// The first start: a port free a moment ago may have been taken since by another test's
+    /// process, and nothing expects these ports yet, so it picks others and tries again.
+    async fn first_start(&mut self) -> Idp {
+        for _ in 0..4 {
+            match self.try_start().await {
+                Ok(idp) => return idp,
+                Err(output) if output.contains("Address already in use") => self.pick_ports(),
+                Err(output) => panic!("idp did not start: {output}"),
+            }
+        }
+        self.start().await
+    }
+
+    /// A start on the ports picked before, where the services expect the idp.
     async fn start(&self) -> Idp {
+        self.try_start()
+            .await
+            .unwrap_or_else(|output| panic!("idp did not start: {output}"))
+    }
+
+    async fn try_start(&self) -> Result<Idp, String> {
         let mut args = vec![
             "idp".to_string(),
             "--api".into(),
@@ -216,15 +242,19 @@ impl KeyedIdp {
             &args,
             &[("RUST_LOG", "trace".into())],
         );
-        proc.wait_for_line("\"jwks\"", Duration::from_secs(15))
+        if proc
+            .wait_for_line("\"jwks\"", Duration::from_secs(15))
             .await
-            .unwrap_or_else(|| panic!("idp did not start: {}", proc.lines().join("\n")));
-        Idp {
+            .is_none()
+        {
+            return Err(proc.lines().join("\n"));
+        }
+        Ok(Idp {
             proc,
             api: format!("http://{}", self.api),
             jwks: format!("http://{}/jwks", self.api),
             identities: self.identities.clone(),
-        }
+        })
     }
 }
 
@@ -322,8 +352,8 @@ fn assert_no_secret(who: &str, lines: &[String], tokens: &[String]) {
 #[tokio::test]
 async fn no_token_reaches_any_log_even_on_error_paths() {
     let trace = [("RUST_LOG", "trace".to_string())];
-    let (keyed, issuer) = KeyedIdp::new();
-    let mesh = Mesh::around(keyed.start().await, &trace).await;
+    let (mut keyed, issuer) = KeyedIdp::new();
+    let mesh = Mesh::around(keyed.first_start().await, &trace).await;
     let gateway_aud = &mesh.gateway.url;
     let good = mesh.user_token().await;
     let mut tokens = vec![good.clone()];
