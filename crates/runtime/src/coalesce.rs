@@ -17,6 +17,14 @@
 //! descriptor ([`StreamingPaths`]) on the server side and from the call's shape on a hop's
 //! upstream connection.
 //!
+//! Larger answers need more than waiting: `h2` keeps a DATA frame over 256 bytes apart from its
+//! buffer and writes before it encodes the next frame, so 4 KiB answers still left one `writev`
+//! each after their pass. In the turn after a pass, [`CoalescedIo`] therefore gathers such writes
+//! into a buffer of its own and sends them when `h2` flushes after its last frame (or once 256 KiB
+//! are gathered): 2.1 → 0.3 `writev` per relay call at 4 KiB. An answer ends with its trailers,
+//! which `h2` buffers; a request ends with its DATA, so a hop's batch of large requests waits
+//! for the task's next turn, one pass later, which the flush that kept it asked for.
+//!
 //! A server learns of its calls late: hyper hands a request to the service stack only when the
 //! request's own task first runs, so by the time the first answer is written the calls read with
 //! it have not reached [`CountCallsLayer`] yet. A server's [`CoalescedIo`] therefore also counts
@@ -34,6 +42,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::{Buf, BytesMut};
 use pin_project_lite::pin_project;
 use prost::Message;
 use tokio::{
@@ -147,10 +156,16 @@ enum Turn {
     Idle,
     /// A write waited its pass; it goes out when the task asks again.
     Waited,
+    /// The turn after a pass: writes that end in a DATA frame `h2` holds apart are gathered,
+    /// as more frames follow them.
+    Gathering,
     /// This turn of the task has written: what follows (the rest of a large answer, frames that
     /// `h2` writes separately) goes out at once.
     Writing,
 }
+
+/// Bytes gathered at most before they are written, whatever follows.
+const GATHER_MAX: usize = 256 << 10;
 
 pin_project! {
     /// A connection's byte stream whose first write of a turn waits one scheduler pass while
@@ -163,6 +178,10 @@ pin_project! {
         turn: Turn,
         // A server's: the calls its client starts.
         streams: Option<NewStreams>,
+        // Written by `h2`, not yet to `io`; in order before anything written after.
+        gathered: BytesMut,
+        // Whether the last write gathered ended in a frame held apart, so more follow.
+        more_follow: bool,
     }
 }
 
@@ -175,6 +194,8 @@ impl<T> CoalescedIo<T> {
             calls,
             turn: Turn::Idle,
             streams,
+            gathered: BytesMut::new(),
+            more_follow: false,
         }
     }
 }
@@ -244,36 +265,82 @@ impl NewStreams {
 }
 
 impl<T: AsyncWrite> CoalescedIo<T> {
-    /// Writes with `write`, except that the first write of a turn of the connection's task
-    /// waits one pass first if the open calls say so. A write the socket could not take
-    /// yet does not wait again when it is retried.
+    /// Writes `bufs` with `write`, except that the first write of a turn of the connection's
+    /// task waits one pass first if the open calls say so, and that in the turn after the
+    /// pass, writes that end in a frame `h2` held apart are gathered (see the module's doc). A
+    /// write the socket could not take yet does not wait again when it is retried.
     fn poll_coalesced(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
         write: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<std::io::Result<usize>>,
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
+        let mut this = self.project();
         if *this.turn == Turn::Idle && this.calls.coalesce() {
             *this.turn = Turn::Waited;
             // Waking itself puts the task at the back of the scheduler's queue.
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        if *this.turn == Turn::Waited {
+            *this.turn = Turn::Gathering;
+        }
+        // `h2` passes a DATA frame it holds apart as a slice of its own after its buffer's.
+        let held_apart = bufs.iter().filter(|b| !b.is_empty()).count() > 1;
+        if *this.turn == Turn::Gathering
+            && (held_apart || !this.gathered.is_empty())
+            && this.gathered.len() < GATHER_MAX
+        {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            this.gathered.reserve(len);
+            for buf in bufs {
+                this.gathered.extend_from_slice(buf);
+            }
+            *this.more_follow = held_apart;
+            return Poll::Ready(Ok(len));
+        }
+        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
         let written = ready!(write(this.io, cx));
         *this.turn = Turn::Writing;
         Poll::Ready(written)
     }
 }
 
-impl<T: AsyncRead> AsyncRead for CoalescedIo<T> {
+/// Writes out all of `gathered`, and lets go of its memory once it is empty: an idle connection
+/// holds no buffer.
+fn drain<T: AsyncWrite>(
+    mut io: Pin<&mut T>,
+    gathered: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    while !gathered.is_empty() {
+        match ready!(io.as_mut().poll_write(cx, gathered))? {
+            0 => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            n => gathered.advance(n),
+        }
+    }
+    if gathered.capacity() > 0 {
+        *gathered = BytesMut::new();
+    }
+    Poll::Ready(Ok(()))
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for CoalescedIo<T> {
     /// `h2` reads until there is nothing more before it writes, on every turn of its task: a read
-    /// that finds nothing after the task has written starts a new turn.
+    /// that finds nothing after the task has written starts a new turn. What a flush left
+    /// gathered goes out first (a socket that cannot take it yet wakes the task when it can).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        if let Poll::Ready(drained) = drain(this.io.as_mut(), this.gathered, cx) {
+            drained?;
+            if *this.turn == Turn::Gathering {
+                *this.turn = Turn::Writing;
+            }
+        }
         let before = buf.filled().len();
         let read = this.io.poll_read(cx, buf);
         if let (Some(streams), Poll::Ready(Ok(()))) = (this.streams, &read) {
@@ -295,7 +362,7 @@ impl<T: AsyncWrite> AsyncWrite for CoalescedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.poll_coalesced(cx, |io, cx| io.poll_write(cx, buf))
+        self.poll_coalesced(cx, &[IoSlice::new(buf)], |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -303,19 +370,35 @@ impl<T: AsyncWrite> AsyncWrite for CoalescedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.poll_coalesced(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+        self.poll_coalesced(cx, bufs, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
+    /// Always, so that `h2` hands over its buffer and the frame it holds apart in one call;
+    /// an `io` that is not vectored writes the first slice, as `AsyncWrite`'s default does.
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 
+    /// A flush right after a frame held apart is not `h2`'s last of the turn (it flushes before
+    /// it encodes the next frame): the bytes stay gathered, and the task is woken so that they
+    /// go out on its next turn at the latest if no other frame came.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let mut this = self.project();
+        if *this.turn == Turn::Gathering && *this.more_follow && this.gathered.len() < GATHER_MAX {
+            cx.waker().wake_by_ref();
+            return Poll::Ready(Ok(()));
+        }
+        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
+        if *this.turn == Turn::Gathering {
+            *this.turn = Turn::Writing;
+        }
+        this.io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        let mut this = self.project();
+        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
+        this.io.poll_shutdown(cx)
     }
 }
 
@@ -494,7 +577,12 @@ mod tests {
 
     impl Conn {
         fn new(calls: OpenCalls) -> Self {
-            let (io, peer) = tokio::io::duplex(1 << 10);
+            Self::with_room(calls, 1 << 10)
+        }
+
+        /// A connection whose peer can hold `room` bytes unread.
+        fn with_room(calls: OpenCalls, room: usize) -> Self {
+            let (io, peer) = tokio::io::duplex(room);
             let wakes = Arc::new(Wakes::default());
             Self {
                 io: CoalescedIo::new(io, calls),
@@ -516,6 +604,50 @@ mod tests {
                 Poll::Pending => false,
             };
             (wrote, self.wakes.0.load(Ordering::Relaxed) > before)
+        }
+
+        /// One `poll_write_vectored` of `bufs`, as `h2` writes its buffer and a DATA frame it
+        /// held apart: whether it wrote (or gathered) all, and whether it woke the task.
+        fn write_vectored(&mut self, bufs: &[&[u8]]) -> (bool, bool) {
+            let before = self.wakes.0.load(Ordering::Relaxed);
+            let slices: Vec<_> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+            let mut cx = Context::from_waker(&self.waker);
+            let wrote = match Pin::new(&mut self.io).poll_write_vectored(&mut cx, &slices) {
+                Poll::Ready(n) => {
+                    assert_eq!(n.unwrap(), bufs.iter().map(|b| b.len()).sum::<usize>());
+                    true
+                }
+                Poll::Pending => false,
+            };
+            (wrote, self.wakes.0.load(Ordering::Relaxed) > before)
+        }
+
+        /// One `poll_flush`, which must complete: whether it woke the task.
+        fn flush(&mut self) -> bool {
+            let before = self.wakes.0.load(Ordering::Relaxed);
+            let mut cx = Context::from_waker(&self.waker);
+            assert!(matches!(
+                Pin::new(&mut self.io).poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            ));
+            self.wakes.0.load(Ordering::Relaxed) > before
+        }
+
+        /// What the peer has received so far.
+        fn received(&mut self) -> Vec<u8> {
+            let mut received = Vec::new();
+            let mut buf = [0; 4096];
+            loop {
+                let mut read = ReadBuf::new(&mut buf);
+                let polled = Pin::new(&mut self.peer)
+                    .poll_read(&mut Context::from_waker(Waker::noop()), &mut read);
+                match polled {
+                    Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                        received.extend_from_slice(read.filled());
+                    }
+                    _ => return received,
+                }
+            }
         }
 
         /// Reads with nothing to read, as `h2` does before it writes.
@@ -609,6 +741,81 @@ mod tests {
             WAITED,
             "another call may be about to answer"
         );
+    }
+
+    /// A connection of a client with two unary calls open, after its first write's pass.
+    fn after_a_pass(room: usize) -> (Conn, [OpenCall; 2]) {
+        let calls = OpenCalls::client();
+        let open = [calls.open(false), calls.open(false)];
+        let mut conn = Conn::with_room(calls, room);
+        assert_eq!(conn.write(b""), WAITED);
+        (conn, open)
+    }
+
+    #[test]
+    fn after_a_pass_writes_ending_in_a_frame_held_apart_are_gathered_until_the_last_flush() {
+        let (mut conn, _open) = after_a_pass(1 << 10);
+        assert_eq!(conn.write_vectored(&[b"head1", b"data1"]), WROTE);
+        assert!(
+            conn.flush(),
+            "a flush after a frame held apart wakes the task"
+        );
+        assert_eq!(
+            conn.received(),
+            b"",
+            "and keeps the bytes: more frames follow"
+        );
+        assert_eq!(conn.write_vectored(&[b"tail1head2", b"data2"]), WROTE);
+        assert!(conn.flush());
+        assert_eq!(
+            conn.write(b"tail2"),
+            WROTE,
+            "a write after gathered bytes joins them"
+        );
+        assert!(!conn.flush(), "the last flush wakes nothing");
+        assert_eq!(
+            conn.received(),
+            b"head1data1tail1head2data2tail2",
+            "and sends all, in order"
+        );
+        conn.read_nothing();
+        assert_eq!(conn.write(b"next"), WAITED, "the next turn waits again");
+    }
+
+    #[tokio::test]
+    async fn what_a_flush_left_gathered_goes_out_with_the_next_read_or_at_shutdown() {
+        let (mut conn, _open) = after_a_pass(1 << 10);
+        assert_eq!(conn.write_vectored(&[b"head", b"data"]), WROTE);
+        assert!(conn.flush());
+        conn.read_nothing();
+        assert_eq!(
+            conn.received(),
+            b"headdata",
+            "the woken task's read sent them"
+        );
+
+        let (mut conn, _open) = after_a_pass(1 << 10);
+        assert_eq!(conn.write_vectored(&[b"head", b"data"]), WROTE);
+        assert!(conn.flush());
+        conn.io.shutdown().await.unwrap();
+        assert_eq!(conn.received(), b"headdata", "shutting down sent them");
+    }
+
+    #[test]
+    fn single_writes_go_out_at_once_and_gathering_stops_at_its_limit() {
+        let (mut conn, _open) = after_a_pass(1 << 10);
+        assert_eq!(conn.write(b"frames"), WROTE);
+        assert_eq!(
+            conn.received(),
+            b"frames",
+            "h2's buffer alone is already all it has"
+        );
+
+        let (mut conn, _open) = after_a_pass(2 * GATHER_MAX);
+        let big = vec![7; GATHER_MAX];
+        assert_eq!(conn.write_vectored(&[b"head", &big]), WROTE);
+        assert!(!conn.flush(), "a full buffer is written, not kept");
+        assert_eq!(conn.received().len(), GATHER_MAX + 4);
     }
 
     /// An HTTP/2 frame: 9-byte head, then `payload`.
