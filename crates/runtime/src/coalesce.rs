@@ -285,19 +285,18 @@ impl<T: AsyncWrite> CoalescedIo<T> {
         if *this.turn == Turn::Waited {
             *this.turn = Turn::Gathering;
         }
-        // `h2` passes a DATA frame it holds apart as a slice of its own after its buffer's.
-        let held_apart = bufs.iter().filter(|b| !b.is_empty()).count() > 1;
-        if *this.turn == Turn::Gathering
-            && (held_apart || !this.gathered.is_empty())
-            && this.gathered.len() < GATHER_MAX
-        {
-            let len = bufs.iter().map(|b| b.len()).sum();
-            this.gathered.reserve(len);
-            for buf in bufs {
-                this.gathered.extend_from_slice(buf);
+        if *this.turn == Turn::Gathering && this.gathered.len() < GATHER_MAX {
+            // `h2` passes a DATA frame it holds apart as a slice of its own after its buffer's.
+            let held_apart = bufs.iter().filter(|b| !b.is_empty()).count() > 1;
+            if held_apart || !this.gathered.is_empty() {
+                let len = bufs.iter().map(|b| b.len()).sum();
+                this.gathered.reserve(len);
+                for buf in bufs {
+                    this.gathered.extend_from_slice(buf);
+                }
+                *this.more_follow = held_apart;
+                return Poll::Ready(Ok(len));
             }
-            *this.more_follow = held_apart;
-            return Poll::Ready(Ok(len));
         }
         ready!(drain(this.io.as_mut(), this.gathered, cx))?;
         let written = ready!(write(this.io, cx));
