@@ -591,45 +591,38 @@ mod tests {
             }
         }
 
+        /// Runs `poll` in the task's context: what it returned, and whether it woke the task.
+        fn polled<R>(
+            &mut self,
+            poll: impl FnOnce(Pin<&mut CoalescedIo<DuplexStream>>, &mut Context<'_>) -> R,
+        ) -> (R, bool) {
+            let before = self.wakes.0.load(Ordering::Relaxed);
+            let polled = poll(
+                Pin::new(&mut self.io),
+                &mut Context::from_waker(&self.waker),
+            );
+            (polled, self.wakes.0.load(Ordering::Relaxed) > before)
+        }
+
         /// One `poll_write` of `bytes`: whether it wrote, and whether it woke the task.
         fn write(&mut self, bytes: &[u8]) -> (bool, bool) {
-            let before = self.wakes.0.load(Ordering::Relaxed);
-            let mut cx = Context::from_waker(&self.waker);
-            let wrote = match Pin::new(&mut self.io).poll_write(&mut cx, bytes) {
-                Poll::Ready(n) => {
-                    assert_eq!(n.unwrap(), bytes.len());
-                    true
-                }
-                Poll::Pending => false,
-            };
-            (wrote, self.wakes.0.load(Ordering::Relaxed) > before)
+            let (polled, woke) = self.polled(|io, cx| io.poll_write(cx, bytes));
+            (wrote_all(polled, bytes.len()), woke)
         }
 
         /// One `poll_write_vectored` of `bufs`, as `h2` writes its buffer and a DATA frame it
         /// held apart: whether it wrote (or gathered) all, and whether it woke the task.
         fn write_vectored(&mut self, bufs: &[&[u8]]) -> (bool, bool) {
-            let before = self.wakes.0.load(Ordering::Relaxed);
             let slices: Vec<_> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-            let mut cx = Context::from_waker(&self.waker);
-            let wrote = match Pin::new(&mut self.io).poll_write_vectored(&mut cx, &slices) {
-                Poll::Ready(n) => {
-                    assert_eq!(n.unwrap(), bufs.iter().map(|b| b.len()).sum::<usize>());
-                    true
-                }
-                Poll::Pending => false,
-            };
-            (wrote, self.wakes.0.load(Ordering::Relaxed) > before)
+            let (polled, woke) = self.polled(|io, cx| io.poll_write_vectored(cx, &slices));
+            (wrote_all(polled, bufs.iter().map(|b| b.len()).sum()), woke)
         }
 
         /// One `poll_flush`, which must complete: whether it woke the task.
         fn flush(&mut self) -> bool {
-            let before = self.wakes.0.load(Ordering::Relaxed);
-            let mut cx = Context::from_waker(&self.waker);
-            assert!(matches!(
-                Pin::new(&mut self.io).poll_flush(&mut cx),
-                Poll::Ready(Ok(()))
-            ));
-            self.wakes.0.load(Ordering::Relaxed) > before
+            let (polled, woke) = self.polled(|io, cx| io.poll_flush(cx));
+            assert!(matches!(polled, Poll::Ready(Ok(()))));
+            woke
         }
 
         /// What the peer has received so far.
@@ -651,14 +644,21 @@ mod tests {
 
         /// Reads with nothing to read, as `h2` does before it writes.
         fn read_nothing(&mut self) {
-            let mut cx = Context::from_waker(&self.waker);
             let mut buf = [0; 8];
             let mut buf = ReadBuf::new(&mut buf);
-            assert!(
-                Pin::new(&mut self.io)
-                    .poll_read(&mut cx, &mut buf)
-                    .is_pending()
-            );
+            let (polled, _) = self.polled(|io, cx| io.poll_read(cx, &mut buf));
+            assert!(polled.is_pending());
+        }
+    }
+
+    /// Whether a write took all `len` bytes; `false` if it waits.
+    fn wrote_all(polled: Poll<std::io::Result<usize>>, len: usize) -> bool {
+        match polled {
+            Poll::Ready(n) => {
+                assert_eq!(n.unwrap(), len);
+                true
+            }
+            Poll::Pending => false,
         }
     }
 
