@@ -31,7 +31,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::procs::{Proc, free_port};
+use crate::procs::{Proc, Usage, free_port};
 
 /// The service account relay calls ping as.
 const RELAY_SA: &str = "relay@runmesh-bench.iam.gserviceaccount.com";
@@ -155,16 +155,23 @@ struct Run {
     /// CPU each service (nginx with its workers) spent per call, or per message of a stream,
     /// while the client counted, µs.
     cpu_us: BTreeMap<String, f64>,
+    /// Write system calls each service made per call (or message) over the same window.
+    writes_per_call: BTreeMap<String, f64>,
 }
 
-/// CPU per counted call (or message), µs, from each process's CPU `used` over the window.
-fn per_call_us(used: &BTreeMap<String, u64>, count: f64) -> BTreeMap<String, f64> {
-    if count <= 0.0 {
-        return BTreeMap::new();
+impl Run {
+    /// What each process `used` while the client counted `count` calls (or messages), per call.
+    fn per_call(&mut self, used: &BTreeMap<String, Usage>, count: f64) {
+        if count <= 0.0 {
+            return;
+        }
+        for (name, used) in used {
+            self.cpu_us
+                .insert(name.clone(), used.cpu_ns as f64 / 1000.0 / count);
+            self.writes_per_call
+                .insert(name.clone(), used.writes as f64 / count);
+        }
     }
-    used.iter()
-        .map(|(name, ns)| (name.clone(), *ns as f64 / 1000.0 / count))
-        .collect()
 }
 
 /// What was measured about one service process.
@@ -446,7 +453,7 @@ impl Harness {
         let child = cmd.spawn().map_err(|e| format!("runmesh bench: {e}"))?;
         let pids = services.pids();
         let mut peaks: BTreeMap<String, u64> = BTreeMap::new();
-        let output = procs::cpu_during(&pids, warmup, child.wait_with_output());
+        let output = procs::usage_during(&pids, warmup, child.wait_with_output());
         tokio::pin!(output);
         let give_up = tokio::time::sleep(budget + Duration::from_secs(30));
         tokio::pin!(give_up);
@@ -486,13 +493,17 @@ impl Harness {
         } else {
             &report["calls"]
         };
-        Ok(Run {
+        let count = counted.as_f64().unwrap_or(0.0);
+        let mut run = Run {
             workload: "",
             scenario: scenario.name,
-            cpu_us: per_call_us(&cpu, counted.as_f64().unwrap_or(0.0)),
+            cpu_us: BTreeMap::new(),
+            writes_per_call: BTreeMap::new(),
             report,
             peak_rss_kib: peaks,
-        })
+        };
+        run.per_call(&cpu, count);
+        Ok(run)
     }
 
     /// The unary workloads against every scenario with h2load as the client, at the same
@@ -516,10 +527,10 @@ impl Harness {
                     payload: w.payload,
                 };
                 let run = h2load::run(h2load_bin, &self.out, &s.target, &s.token, load);
-                let (r, cpu) = procs::cpu_during(&services.pids(), a.warmup, run).await;
+                let (r, cpu) = procs::usage_during(&services.pids(), a.warmup, run).await;
                 let r = r?;
                 services.check_running()?;
-                runs.push(Run {
+                let mut run = Run {
                     workload: w.key,
                     scenario: s.name,
                     report: serde_json::json!({
@@ -531,8 +542,11 @@ impl Harness {
                         "data_bytes": r.data_bytes,
                     }),
                     peak_rss_kib: BTreeMap::new(),
-                    cpu_us: per_call_us(&cpu, r.done as f64),
-                });
+                    cpu_us: BTreeMap::new(),
+                    writes_per_call: BTreeMap::new(),
+                };
+                run.per_call(&cpu, r.done as f64);
+                runs.push(run);
             }
         }
         Ok(runs)
@@ -881,14 +895,13 @@ async fn main() -> ExitCode {
         report::table(&results.runs, &results.latency_1x1, &results.services)
     );
     print!("{}", report::h2load_table(&results.h2load_runs));
-    print!(
-        "{}",
-        report::cpu_table(&[
-            ("runmesh", &results.runs),
-            ("h2load", &results.h2load_runs),
-            ("runmesh", &results.latency_1x1),
-        ])
-    );
+    let by_client = [
+        ("runmesh", results.runs.as_slice()),
+        ("h2load", results.h2load_runs.as_slice()),
+        ("runmesh", results.latency_1x1.as_slice()),
+    ];
+    print!("{}", report::cpu_table(&by_client));
+    print!("{}", report::writes_table(&by_client));
     print!("{}", report::targets_text(&results.targets));
     let json = harness.out.join("results.json");
     let svg = harness.out.join("latency.svg");

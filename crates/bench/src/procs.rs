@@ -223,10 +223,39 @@ pub(crate) fn tree_rss_kib(pid: u32) -> u64 {
     family(pid).into_iter().map(rss_kib).sum()
 }
 
-/// CPU time `pid` and its children have had, ns: every thread's run time from
-/// `/proc/PID/task/TID/schedstat`, which counts nanoseconds where `stat` counts 10 ms ticks.
-pub(crate) fn tree_cpu_ns(pid: u32) -> u64 {
-    family(pid).into_iter().map(cpu_ns).sum()
+/// What a process and its children (nginx's workers) have used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// CPU time, ns: every thread's run time from `/proc/PID/task/TID/schedstat`, which counts
+    /// nanoseconds where `stat` counts 10 ms ticks.
+    pub(crate) cpu_ns: u64,
+    /// Write system calls (`syscw` in `/proc/PID/io`): how the work was written out, which a
+    /// slow or busy machine does not change.
+    pub(crate) writes: u64,
+}
+
+impl Usage {
+    /// What `pid` and its children have used.
+    fn of_tree(pid: u32) -> Self {
+        family(pid)
+            .into_iter()
+            .map(|pid| Self {
+                cpu_ns: cpu_ns(pid),
+                writes: writes(pid),
+            })
+            .fold(Self::default(), |a, b| Self {
+                cpu_ns: a.cpu_ns + b.cpu_ns,
+                writes: a.writes + b.writes,
+            })
+    }
+
+    /// What was used between `start` and `self`.
+    fn since(self, start: Self) -> Self {
+        Self {
+            cpu_ns: self.cpu_ns.saturating_sub(start.cpu_ns),
+            writes: self.writes.saturating_sub(start.writes),
+        }
+    }
 }
 
 fn cpu_ns(pid: u32) -> u64 {
@@ -245,16 +274,32 @@ pub(crate) fn parse_schedstat(line: &str) -> Option<u64> {
     line.split_whitespace().next()?.parse().ok()
 }
 
-/// Runs `run` and measures the CPU each of `pids` uses from `warmup` after the start (when a
-/// load generator starts counting) until `run` ends, ns.
-pub(crate) async fn cpu_during<F: Future>(
+fn writes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| parse_syscw(&io))
+        .unwrap_or(0)
+}
+
+/// The count of write system calls in a `/proc/PID/io`.
+pub(crate) fn parse_syscw(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs `run` and measures what each of `pids` uses from `warmup` after the start (when a load
+/// generator starts counting) until `run` ends.
+pub(crate) async fn usage_during<F: Future>(
     pids: &[(String, u32)],
     warmup: Duration,
     run: F,
-) -> (F::Output, BTreeMap<String, u64>) {
-    let sample = || -> BTreeMap<String, u64> {
+) -> (F::Output, BTreeMap<String, Usage>) {
+    let sample = || -> BTreeMap<String, Usage> {
         pids.iter()
-            .map(|(name, pid)| (name.clone(), tree_cpu_ns(*pid)))
+            .map(|(name, pid)| (name.clone(), Usage::of_tree(*pid)))
             .collect()
     };
     tokio::pin!(run);
@@ -270,7 +315,7 @@ pub(crate) async fn cpu_during<F: Future>(
     let used = sample()
         .into_iter()
         .map(|(name, end)| {
-            let used = end.saturating_sub(start.get(&name).copied().unwrap_or(end));
+            let used = end.since(start.get(&name).copied().unwrap_or(end));
             (name, used)
         })
         .collect();
@@ -351,15 +396,24 @@ mod tests {
         assert_eq!(parse_schedstat("x 1 2"), None);
     }
 
+    #[test]
+    fn syscw_is_the_count_of_write_calls() {
+        let io = "rchar: 10\nwchar: 20\nsyscr: 3\nsyscw: 42\nread_bytes: 0\n";
+        assert_eq!(parse_syscw(io), Some(42));
+        assert_eq!(parse_syscw("syscr: 3\n"), None);
+        assert_eq!(parse_syscw("syscw: x\n"), None);
+    }
+
     #[tokio::test]
-    async fn cpu_is_counted_from_the_end_of_the_warmup_to_the_end_of_the_run() {
+    async fn usage_is_counted_from_the_end_of_the_warmup_to_the_end_of_the_run() {
+        // Spins, and writes a line to /dev/null every pass through its loop.
         let mut busy = Command::new("sh")
-            .args(["-c", "while :; do :; done"])
+            .args(["-c", "while :; do echo >/dev/null; done"])
             .spawn()
             .unwrap();
         let pids = vec![("sh".to_string(), busy.id())];
         let window = |warmup_ms, run_ms| {
-            cpu_during(
+            usage_during(
                 &pids,
                 Duration::from_millis(warmup_ms),
                 tokio::time::sleep(Duration::from_millis(run_ms)),
@@ -367,13 +421,21 @@ mod tests {
         };
         let ((), long) = window(100, 500).await;
         let ((), short) = window(450, 500).await;
+        let ((), none) = usage_during(&pids, Duration::from_millis(100), async {}).await;
         busy.kill().unwrap();
         busy.wait().unwrap();
-        let ms = |used: &BTreeMap<String, u64>| used["sh"] / 1_000_000;
+        let ms = |used: &BTreeMap<String, Usage>| used["sh"].cpu_ns / 1_000_000;
         // 400 ms of a spinning process, given at least 30 % of a core on a busy machine.
         assert!((120..=450).contains(&ms(&long)), "{} ms", ms(&long));
         // 50 ms of wall time cannot hold more than 50 ms of one thread's CPU, plus sampling slop.
         assert!(ms(&short) <= 90, "{} ms", ms(&short));
+        assert!(long["sh"].writes > short["sh"].writes, "{long:?} {short:?}");
+        assert!(short["sh"].writes > 0, "{short:?}");
+        assert_eq!(
+            none["sh"],
+            Usage::default(),
+            "a run over before the warmup counts nothing"
+        );
     }
 
     #[test]

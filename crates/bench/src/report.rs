@@ -139,10 +139,36 @@ pub(crate) fn table(
 /// CPU each process spent per call (per message for streams), µs, for `runs` by each client: what
 /// a hop costs, apart from how the shared cores happened to be divided between the processes.
 pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
+    per_process_table(
+        "CPU per call (per message for streams), µs",
+        runs,
+        |run| &run.cpu_us,
+        1,
+    )
+}
+
+/// Write system calls each process made per call (per message for streams): how well it batched
+/// its answers, a count that a slow or busy machine does not move.
+pub(crate) fn writes_table(runs: &[(&str, &[Run])]) -> String {
+    per_process_table(
+        "write system calls per call (per message for streams)",
+        runs,
+        |run| &run.writes_per_call,
+        2,
+    )
+}
+
+/// A column per process of `value`, with `decimals` places, for `runs` by each client.
+fn per_process_table(
+    heading: &str,
+    runs: &[(&str, &[Run])],
+    value: fn(&Run) -> &BTreeMap<String, f64>,
+    decimals: usize,
+) -> String {
     let names: std::collections::BTreeSet<&str> = runs
         .iter()
         .flat_map(|(_, runs)| runs.iter())
-        .flat_map(|r| r.cpu_us.keys().map(String::as_str))
+        .flat_map(|r| value(r).keys().map(String::as_str))
         .collect();
     let mut t = String::new();
     if names.is_empty() {
@@ -150,12 +176,14 @@ pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
     }
     let _ = write!(
         t,
-        "\nCPU per call (per message for streams), µs:\n{:<20} {:<8} {:<8}",
+        "\n{heading}:\n{:<20} {:<8} {:<8}",
         "workload", "scenario", "client"
     );
     for name in &names {
         let _ = write!(t, " {name:>8}");
     }
+    // A process the scenario does not pass through only ticks its timers.
+    let shown = 0.5 / 10f64.powi(decimals as i32);
     for (client, runs) in runs {
         for run in runs.iter() {
             let _ = write!(
@@ -165,10 +193,9 @@ pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
                 run.scenario
             );
             for name in &names {
-                // A process the scenario does not pass through only ticks its timers.
-                match run.cpu_us.get(*name) {
-                    Some(us) if *us >= 0.05 => {
-                        let _ = write!(t, " {us:>8.1}");
+                match value(run).get(*name) {
+                    Some(v) if *v >= shown => {
+                        let _ = write!(t, " {v:>8.decimals$}");
                     }
                     _ => {
                         let _ = write!(t, " {:>8}", "-");
@@ -458,6 +485,7 @@ mod tests {
     fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
         Run {
             cpu_us: BTreeMap::new(),
+            writes_per_call: BTreeMap::new(),
             workload,
             scenario,
             report: serde_json::json!({
@@ -490,6 +518,20 @@ mod tests {
             "{text}"
         );
         assert_eq!(cpu_table(&[("runmesh", &[])]), "");
+    }
+
+    #[test]
+    fn writes_per_call_have_two_decimals_and_a_dash_for_none() {
+        let mut relay = run("unary-4k", "relay", 500.0, 200.0);
+        relay.writes_per_call = [("ping".to_string(), 0.068), ("relay".to_string(), 0.0)].into();
+        let text = writes_table(&[("h2load", &[relay])]);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert!(
+            lines[0].starts_with("write system calls per call"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("    ping    relay"), "{text}");
+        assert!(lines[2].ends_with("    0.07        -"), "{text}");
     }
 
     #[test]
