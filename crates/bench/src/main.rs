@@ -458,10 +458,10 @@ impl Harness {
         let give_up = tokio::time::sleep(budget + Duration::from_secs(30));
         tokio::pin!(give_up);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let (output, cpu) = loop {
+        let (output, used) = loop {
             tokio::select! {
-                (out, cpu) = &mut output => {
-                    break (out.map_err(|e| format!("runmesh bench: {e}"))?, cpu)
+                (out, used) = &mut output => {
+                    break (out.map_err(|e| format!("runmesh bench: {e}"))?, used)
                 }
                 _ = tick.tick() => {
                     for (name, pid) in &pids {
@@ -502,7 +502,7 @@ impl Harness {
             report,
             peak_rss_kib: peaks,
         };
-        run.per_call(&cpu, count);
+        run.per_call(&used, count);
         Ok(run)
     }
 
@@ -527,7 +527,7 @@ impl Harness {
                     payload: w.payload,
                 };
                 let run = h2load::run(h2load_bin, &self.out, &s.target, &s.token, load);
-                let (r, cpu) = procs::usage_during(&services.pids(), a.warmup, run).await;
+                let (r, used) = procs::usage_during(&services.pids(), a.warmup, run).await;
                 let r = r?;
                 services.check_running()?;
                 let mut run = Run {
@@ -545,7 +545,7 @@ impl Harness {
                     cpu_us: BTreeMap::new(),
                     writes_per_call: BTreeMap::new(),
                 };
-                run.per_call(&cpu, r.done as f64);
+                run.per_call(&used, r.done as f64);
                 runs.push(run);
             }
         }
