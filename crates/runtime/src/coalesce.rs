@@ -298,18 +298,19 @@ impl<T: AsyncWrite> CoalescedIo<T> {
                 return Poll::Ready(Ok(len));
             }
         }
-        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
+        ready!(drain(this.io.as_mut(), this.gathered, this.turn, cx))?;
         let written = ready!(write(this.io, cx));
         *this.turn = Turn::Writing;
         Poll::Ready(written)
     }
 }
 
-/// Writes out all of `gathered`, and lets go of its memory once it is empty: an idle connection
-/// holds no buffer.
+/// Writes out all of `gathered`, which ends a gathering turn, and lets go of its memory once it
+/// is empty: an idle connection holds no buffer.
 fn drain<T: AsyncWrite>(
     mut io: Pin<&mut T>,
     gathered: &mut BytesMut,
+    turn: &mut Turn,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<()>> {
     while !gathered.is_empty() {
@@ -320,6 +321,9 @@ fn drain<T: AsyncWrite>(
     }
     if gathered.capacity() > 0 {
         *gathered = BytesMut::new();
+    }
+    if *turn == Turn::Gathering {
+        *turn = Turn::Writing;
     }
     Poll::Ready(Ok(()))
 }
@@ -334,11 +338,8 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for CoalescedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let mut this = self.project();
-        if let Poll::Ready(drained) = drain(this.io.as_mut(), this.gathered, cx) {
+        if let Poll::Ready(drained) = drain(this.io.as_mut(), this.gathered, this.turn, cx) {
             drained?;
-            if *this.turn == Turn::Gathering {
-                *this.turn = Turn::Writing;
-            }
         }
         let before = buf.filled().len();
         let read = this.io.poll_read(cx, buf);
@@ -387,16 +388,13 @@ impl<T: AsyncWrite> AsyncWrite for CoalescedIo<T> {
             cx.waker().wake_by_ref();
             return Poll::Ready(Ok(()));
         }
-        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
-        if *this.turn == Turn::Gathering {
-            *this.turn = Turn::Writing;
-        }
+        ready!(drain(this.io.as_mut(), this.gathered, this.turn, cx))?;
         this.io.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let mut this = self.project();
-        ready!(drain(this.io.as_mut(), this.gathered, cx))?;
+        ready!(drain(this.io.as_mut(), this.gathered, this.turn, cx))?;
         this.io.poll_shutdown(cx)
     }
 }
