@@ -31,7 +31,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::procs::{Proc, Usage, free_port};
+use crate::procs::{Proc, Window, free_port};
 
 /// The service account relay calls ping as.
 const RELAY_SA: &str = "relay@runmesh-bench.iam.gserviceaccount.com";
@@ -157,20 +157,41 @@ struct Run {
     cpu_us: BTreeMap<String, f64>,
     /// Write system calls each service made per call (or message) over the same window.
     writes_per_call: BTreeMap<String, f64>,
+    /// Time each service was ready to run but waited for a core, per call (or message), µs.
+    waited_us: BTreeMap<String, f64>,
+    /// Time the cores were idle, all of them together, per call (or message), µs.
+    idle_us: Option<f64>,
 }
 
 impl Run {
-    /// What each process `used` while the client counted `count` calls (or messages), per call.
-    fn per_call(&mut self, used: &BTreeMap<String, Usage>, count: f64) {
+    /// A run of `workload` against `scenario`, with `report` in `runmesh bench`'s JSON shape and
+    /// nothing measured of the processes yet.
+    fn new(workload: &'static str, scenario: &'static str, report: Value) -> Self {
+        Self {
+            workload,
+            scenario,
+            report,
+            peak_rss_kib: BTreeMap::new(),
+            cpu_us: BTreeMap::new(),
+            writes_per_call: BTreeMap::new(),
+            waited_us: BTreeMap::new(),
+            idle_us: None,
+        }
+    }
+
+    /// What `window` measured while the client counted `count` calls (or messages), per call.
+    fn per_call(&mut self, window: &Window, count: f64) {
         if count <= 0.0 {
             return;
         }
-        for (name, used) in used {
-            self.cpu_us
-                .insert(name.clone(), used.cpu_ns as f64 / 1000.0 / count);
+        let us = |ns: u64| ns as f64 / 1000.0 / count;
+        for (name, used) in &window.used {
+            self.cpu_us.insert(name.clone(), us(used.cpu_ns));
+            self.waited_us.insert(name.clone(), us(used.waited_ns));
             self.writes_per_call
                 .insert(name.clone(), used.writes as f64 / count);
         }
+        self.idle_us = Some(us(window.idle_ns));
     }
 }
 
@@ -494,14 +515,8 @@ impl Harness {
             &report["calls"]
         };
         let count = counted.as_f64().unwrap_or(0.0);
-        let mut run = Run {
-            workload: "",
-            scenario: scenario.name,
-            cpu_us: BTreeMap::new(),
-            writes_per_call: BTreeMap::new(),
-            report,
-            peak_rss_kib: peaks,
-        };
+        let mut run = Run::new("", scenario.name, report);
+        run.peak_rss_kib = peaks;
         run.per_call(&used, count);
         Ok(run)
     }
@@ -530,21 +545,15 @@ impl Harness {
                 let (r, used) = procs::usage_during(&services.pids(), a.warmup, run).await;
                 let r = r?;
                 services.check_running()?;
-                let mut run = Run {
-                    workload: w.key,
-                    scenario: s.name,
-                    report: serde_json::json!({
-                        "client": "h2load",
-                        "calls": r.done,
-                        "calls_per_s": r.calls_per_s,
-                        "latency_us": { "mean": r.latency_mean_us, "max": r.latency_max_us },
-                        "errors": {},
-                        "data_bytes": r.data_bytes,
-                    }),
-                    peak_rss_kib: BTreeMap::new(),
-                    cpu_us: BTreeMap::new(),
-                    writes_per_call: BTreeMap::new(),
-                };
+                let report = serde_json::json!({
+                    "client": "h2load",
+                    "calls": r.done,
+                    "calls_per_s": r.calls_per_s,
+                    "latency_us": { "mean": r.latency_mean_us, "max": r.latency_max_us },
+                    "errors": {},
+                    "data_bytes": r.data_bytes,
+                });
+                let mut run = Run::new(w.key, s.name, report);
                 run.per_call(&used, r.done as f64);
                 runs.push(run);
             }
@@ -902,6 +911,7 @@ async fn main() -> ExitCode {
     ];
     print!("{}", report::cpu_table(&by_client));
     print!("{}", report::writes_table(&by_client));
+    print!("{}", report::waits_table(&by_client));
     print!("{}", report::targets_text(&results.targets));
     let json = harness.out.join("results.json");
     let svg = harness.out.join("latency.svg");

@@ -229,6 +229,9 @@ pub(crate) struct Usage {
     /// CPU time, ns: every thread's run time from `/proc/PID/task/TID/schedstat`, which counts
     /// nanoseconds where `stat` counts 10 ms ticks.
     pub(crate) cpu_ns: u64,
+    /// Time its threads were ready to run but waited for a core, ns (`schedstat`'s second
+    /// field): what the processes sharing the cores cost each other.
+    pub(crate) waited_ns: u64,
     /// Write system calls (`syscw` in `/proc/PID/io`): how the work was written out, which a
     /// slow or busy machine does not change.
     pub(crate) writes: u64,
@@ -239,12 +242,17 @@ impl Usage {
     fn of_tree(pid: u32) -> Self {
         family(pid)
             .into_iter()
-            .map(|pid| Self {
-                cpu_ns: cpu_ns(pid),
-                writes: writes(pid),
+            .map(|pid| {
+                let (cpu_ns, waited_ns) = sched_ns(pid);
+                Self {
+                    cpu_ns,
+                    waited_ns,
+                    writes: writes(pid),
+                }
             })
             .fold(Self::default(), |a, b| Self {
                 cpu_ns: a.cpu_ns + b.cpu_ns,
+                waited_ns: a.waited_ns + b.waited_ns,
                 writes: a.writes + b.writes,
             })
     }
@@ -253,25 +261,50 @@ impl Usage {
     fn since(self, start: Self) -> Self {
         Self {
             cpu_ns: self.cpu_ns.saturating_sub(start.cpu_ns),
+            waited_ns: self.waited_ns.saturating_sub(start.waited_ns),
             writes: self.writes.saturating_sub(start.writes),
         }
     }
 }
 
-fn cpu_ns(pid: u32) -> u64 {
+/// Run and wait time, ns, of all of `pid`'s threads.
+fn sched_ns(pid: u32) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return (0, 0);
     };
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| parse_schedstat(&s))
-        .sum()
+        .fold((0, 0), |(run, wait), (r, w)| (run + r, wait + w))
 }
 
-/// The run time, ns, of a `schedstat` line (`<run ns> <wait ns> <timeslices>`).
-pub(crate) fn parse_schedstat(line: &str) -> Option<u64> {
-    line.split_whitespace().next()?.parse().ok()
+/// The run and wait times, ns, of a `schedstat` line (`<run ns> <wait ns> <timeslices>`).
+pub(crate) fn parse_schedstat(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace().map(str::parse);
+    Some((fields.next()?.ok()?, fields.next()?.ok()?))
+}
+
+/// Time the machine's cores were idle, ns, from `/proc/stat`.
+fn idle_ns() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| parse_idle_ticks(&s))
+        .map_or(0, |ticks| ticks * NS_PER_TICK)
+}
+
+/// `/proc/stat` counts in `USER_HZ` ticks, which Linux fixes at 100 a second for user space.
+const NS_PER_TICK: u64 = 10_000_000;
+
+/// The idle and I/O-wait ticks of all cores, from the `cpu` line of a `/proc/stat` text.
+pub(crate) fn parse_idle_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find_map(|l| l.strip_prefix("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some(ticks.get(3)? + ticks.get(4)?)
 }
 
 fn writes(pid: u32) -> u64 {
@@ -290,36 +323,51 @@ pub(crate) fn parse_syscw(io: &str) -> Option<u64> {
         .ok()
 }
 
-/// Runs `run` and measures what each of `pids` uses from `warmup` after the start (when a load
-/// generator starts counting) until `run` ends.
+/// What a measured window held: each process's usage, and the cores' idle time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Window {
+    pub(crate) used: BTreeMap<String, Usage>,
+    /// Time no process used of all the cores, ns.
+    pub(crate) idle_ns: u64,
+}
+
+/// Runs `run` and measures what each of `pids` uses, and how long the cores were idle, from
+/// `warmup` after the start (when a load generator starts counting) until `run` ends.
 pub(crate) async fn usage_during<F: Future>(
     pids: &[(String, u32)],
     warmup: Duration,
     run: F,
-) -> (F::Output, BTreeMap<String, Usage>) {
-    let sample = || -> BTreeMap<String, Usage> {
-        pids.iter()
+) -> (F::Output, Window) {
+    let sample = || -> (BTreeMap<String, Usage>, u64) {
+        let used = pids
+            .iter()
             .map(|(name, pid)| (name.clone(), Usage::of_tree(*pid)))
-            .collect()
+            .collect();
+        (used, idle_ns())
     };
     tokio::pin!(run);
     let early = tokio::select! {
         out = &mut run => Some(out),
         () = tokio::time::sleep(warmup) => None,
     };
-    let start = sample();
+    let (start, idle_start) = sample();
     let out = match early {
         Some(out) => out,
         None => run.await,
     };
-    let used = sample()
+    let (end, idle_end) = sample();
+    let used = end
         .into_iter()
         .map(|(name, end)| {
             let used = end.since(start.get(&name).copied().unwrap_or(end));
             (name, used)
         })
         .collect();
-    (out, used)
+    let window = Window {
+        used,
+        idle_ns: idle_end.saturating_sub(idle_start),
+    };
+    (out, window)
 }
 
 /// Direct children of `pid`, from `/proc/PID/task/*/children`.
@@ -390,10 +438,29 @@ mod tests {
     }
 
     #[test]
-    fn schedstat_run_time_is_the_first_field() {
-        assert_eq!(parse_schedstat("123456789 2000 17\n"), Some(123_456_789));
+    fn schedstat_holds_the_run_then_the_wait_time() {
+        assert_eq!(
+            parse_schedstat("123456789 2000 17\n"),
+            Some((123_456_789, 2000))
+        );
         assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("5"), None);
         assert_eq!(parse_schedstat("x 1 2"), None);
+        assert_eq!(parse_schedstat("1 x 2"), None);
+    }
+
+    #[test]
+    fn idle_is_the_idle_and_iowait_ticks_of_all_cores() {
+        let stat = "cpu  36762 46809 12266 68209 366 0 4469 39 0 0\n\
+                    cpu0 18000 23000 6000 34000 180 0 2200 20 0 0\n";
+        assert_eq!(parse_idle_ticks(stat), Some(68209 + 366));
+        assert_eq!(
+            parse_idle_ticks("cpu0 1 2 3 4 5\n"),
+            None,
+            "not the cores' sum"
+        );
+        assert_eq!(parse_idle_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(parse_idle_ticks("cpu  1 2 3 x 5\n"), None);
     }
 
     #[test]
@@ -423,13 +490,21 @@ mod tests {
         let ((), short) = window(450, 500).await;
         busy.kill().unwrap();
         busy.wait().unwrap();
-        let ms = |used: &BTreeMap<String, Usage>| used["sh"].cpu_ns / 1_000_000;
+        let ms = |window: &Window| window.used["sh"].cpu_ns / 1_000_000;
         // 400 ms of a spinning process, given at least 30 % of a core on a busy machine.
         assert!((120..=450).contains(&ms(&long)), "{} ms", ms(&long));
         // 50 ms of wall time cannot hold more than 50 ms of one thread's CPU, plus sampling slop.
         assert!(ms(&short) <= 90, "{} ms", ms(&short));
         // The writes are counted over the same windows.
-        assert!(long["sh"].writes > short["sh"].writes, "{long:?} {short:?}");
+        assert!(
+            long.used["sh"].writes > short.used["sh"].writes,
+            "{long:?} {short:?}"
+        );
+        // So is the cores' idle time: at most all of them for the window, plus a tick each.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let most = |window_ms: u64| cores * (window_ms * 1_000_000 + 2 * NS_PER_TICK);
+        assert!(long.idle_ns <= most(450), "{long:?}");
+        assert!(short.idle_ns <= most(100), "{short:?}");
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
         runs,
         |run| &run.cpu_us,
         1,
+        None,
     )
 }
 
@@ -155,15 +156,34 @@ pub(crate) fn writes_table(runs: &[(&str, &[Run])]) -> String {
         runs,
         |run| &run.writes_per_call,
         2,
+        None,
     )
 }
 
-/// A column per process of `value`, with `decimals` places, for `runs` by each client.
+/// Time each process was ready to run but waited for a core, per call, beside the time the
+/// cores were idle: both high means the kernel left work waiting while a core had none, which
+/// no hop's code decides (`docs/profiling.md`).
+pub(crate) fn waits_table(runs: &[(&str, &[Run])]) -> String {
+    per_process_table(
+        "waiting for a core per call (per message for streams), µs; idle: the cores' unused time",
+        runs,
+        |run| &run.waited_us,
+        1,
+        Some(("idle", |run| run.idle_us)),
+    )
+}
+
+/// A column that is not a process's: its heading, and its value in a run.
+type Column = (&'static str, fn(&Run) -> Option<f64>);
+
+/// A column per process of `value`, with `decimals` places, and then the `last` column if
+/// any, for `runs` by each client.
 fn per_process_table(
     heading: &str,
     runs: &[(&str, &[Run])],
     value: fn(&Run) -> &BTreeMap<String, f64>,
     decimals: usize,
+    last: Option<Column>,
 ) -> String {
     let names: std::collections::BTreeSet<&str> = runs
         .iter()
@@ -179,11 +199,19 @@ fn per_process_table(
         "\n{heading}:\n{:<20} {:<8} {:<8}",
         "workload", "scenario", "client"
     );
-    for name in &names {
+    for name in names.iter().copied().chain(last.map(|(name, _)| name)) {
         let _ = write!(t, " {name:>8}");
     }
     // A process the scenario does not pass through only ticks its timers.
     let shown = 0.5 / 10f64.powi(decimals as i32);
+    let cell = |t: &mut String, v: Option<f64>| match v {
+        Some(v) if v >= shown => {
+            let _ = write!(t, " {v:>8.decimals$}");
+        }
+        _ => {
+            let _ = write!(t, " {:>8}", "-");
+        }
+    };
     for (client, runs) in runs {
         for run in runs.iter() {
             let _ = write!(
@@ -193,14 +221,10 @@ fn per_process_table(
                 run.scenario
             );
             for name in &names {
-                match value(run).get(*name) {
-                    Some(v) if *v >= shown => {
-                        let _ = write!(t, " {v:>8.decimals$}");
-                    }
-                    _ => {
-                        let _ = write!(t, " {:>8}", "-");
-                    }
-                }
+                cell(&mut t, value(run).get(*name).copied());
+            }
+            if let Some((_, last)) = last {
+                cell(&mut t, last(run));
             }
         }
     }
@@ -483,20 +507,17 @@ mod tests {
     use super::*;
 
     fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
-        Run {
-            cpu_us: BTreeMap::new(),
-            writes_per_call: BTreeMap::new(),
+        Run::new(
             workload,
             scenario,
-            report: serde_json::json!({
+            serde_json::json!({
                 "calls_per_s": per_s,
                 "messages_per_s": per_s * 100.0,
                 "latency_us": {"p50": p99 / 2.0, "p99": p99},
                 "spectrum_us": [[0.0, 10.0], [50.0, 20.0], [99.9, 90.0], [100.0, 100.0]],
                 "errors": {},
             }),
-            peak_rss_kib: BTreeMap::new(),
-        }
+        )
     }
 
     #[test]
@@ -532,6 +553,23 @@ mod tests {
         );
         assert!(lines[1].ends_with("    ping    relay"), "{text}");
         assert!(lines[2].ends_with("    0.07        -"), "{text}");
+    }
+
+    #[test]
+    fn waits_are_a_column_per_process_and_idle_comes_last() {
+        let mut chain = run("unary-64", "chain", 500.0, 200.0);
+        chain.waited_us = [("gateway".to_string(), 9.04), ("relay".to_string(), 0.0)].into();
+        chain.idle_us = Some(13.26);
+        let unmeasured = run("unary-64", "direct", 1000.0, 100.0);
+        let text = waits_table(&[("h2load", &[chain, unmeasured])]);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert!(
+            lines[0].starts_with("waiting for a core per call"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with(" gateway    relay     idle"), "{text}");
+        assert!(lines[2].ends_with("      9.0        -     13.3"), "{text}");
+        assert!(lines[3].ends_with("        -        -        -"), "{text}");
     }
 
     #[test]
