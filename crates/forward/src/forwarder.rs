@@ -130,7 +130,7 @@ impl Forwarder {
         );
         call.inject(incoming.as_ref(), request.metadata_mut());
         if let Some(deadline) = deadline {
-            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            request.set_timeout(deadline::time_left(deadline));
         }
         request
     }
