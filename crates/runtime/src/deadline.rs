@@ -329,12 +329,20 @@ mod tests {
         assert_eq!(status.message(), "ping: deadline exceeded");
     }
 
+    /// A stream that is always ready, bounded by a deadline `timeout` from now if any.
+    fn flood(
+        timeout: Option<Duration>,
+        drain: &Drain,
+    ) -> Pin<Box<impl Stream<Item = Result<(), Status>>>> {
+        let items = futures::stream::repeat_with(|| Ok::<_, Status>(()));
+        let deadline = timeout.map(|t| Instant::now() + t);
+        Box::pin(bounded(items, deadline, drain, "relay"))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_always_ready_stream_still_ends_at_the_deadline() {
         let drain = Drain::default();
-        let flood = futures::stream::repeat_with(|| Ok::<_, Status>(()));
-        let deadline = Instant::now() + Duration::from_millis(5);
-        let mut s = Box::pin(bounded(flood, Some(deadline), &drain, "ping"));
+        let mut s = flood(Some(Duration::from_millis(5)), &drain);
         tokio::time::advance(Duration::from_millis(10)).await;
         let status = s.next().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
@@ -343,9 +351,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_always_ready_stream_looks_at_the_clock_every_so_many_items() {
         let drain = Drain::default();
-        let flood = futures::stream::repeat_with(|| Ok::<_, Status>(()));
-        let deadline = Instant::now() + Duration::from_millis(5);
-        let mut s = Box::pin(bounded(flood, Some(deadline), &drain, "relay"));
+        let mut s = flood(Some(Duration::from_millis(5)), &drain);
         for _ in 0..5 {
             s.next().await.unwrap().unwrap();
         }
@@ -383,8 +389,7 @@ mod tests {
     #[tokio::test]
     async fn an_always_ready_stream_still_ends_when_the_service_drains() {
         let drain = Drain::default();
-        let flood = futures::stream::repeat_with(|| Ok::<_, Status>(()));
-        let mut s = Box::pin(bounded(flood, None, &drain, "relay"));
+        let mut s = flood(None, &drain);
         assert!(s.next().await.unwrap().is_ok());
         drain.start();
         let mut late = 0;
