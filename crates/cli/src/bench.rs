@@ -9,6 +9,7 @@
 //! messages. Streams report messages per second as their throughput. Only calls that start
 //! after `--warmup` are counted.
 
+mod client;
 mod schedule;
 mod stats;
 
@@ -25,9 +26,7 @@ use std::{
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runmesh_forward::upstream::{self, Streaming};
-use runmesh_proto::ping::v1::{
-    SendRequest, SendStreamRequest, ping_service_client::PingServiceClient,
-};
+use runmesh_proto::ping::v1::{SendRequest, SendStreamRequest};
 use runmesh_runtime::status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus, code_name};
 use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -40,6 +39,7 @@ use tonic::{
 use tower::Layer;
 
 use self::{
+    client::{Client, Encoded, in_order},
     schedule::Schedule,
     stats::{Latency, Tally},
 };
@@ -170,8 +170,10 @@ struct Plan {
     requests: Option<u64>,
     timeout: Duration,
     stream_count: u32,
-    interval: Option<prost_types::Duration>,
-    payload: Vec<u8>,
+    /// The `SendRequest` of every unary call and every ping of a chat.
+    ping: Encoded,
+    /// The `SendStreamRequest` of every server stream.
+    stream: Encoded,
     token: Option<MetadataValue<Ascii>>,
 }
 
@@ -226,13 +228,6 @@ impl Shared {
         request
     }
 
-    fn ping(&self) -> SendRequest {
-        SendRequest {
-            message: "bench".to_string(),
-            payload: self.plan.payload.clone(),
-        }
-    }
-
     /// Counts a stream as open until the returned guard is dropped.
     fn stream_opened(&self) -> OpenStream<'_> {
         let now = self.open_streams.fetch_add(1, Ordering::Relaxed) + 1;
@@ -248,45 +243,40 @@ impl Shared {
 
     /// Makes one call; `Ok(true)` when it ran to its end, `Ok(false)` when an endless stream
     /// was cut at the end of the run.
-    async fn call(&self, client: &mut PingServiceClient<Connection>) -> Result<bool, Status> {
+    async fn call(&self, client: &mut Client) -> Result<bool, Status> {
         let endless = self.plan.kind == BenchKind::ServerStream && self.plan.stream_count == 0;
         let call = async {
             match self.plan.kind {
                 BenchKind::Unary => {
-                    client.send(self.request(self.ping())).await?;
+                    client.send(self.request(self.plan.ping.clone())).await?;
                     self.message_arrived();
                 }
                 BenchKind::ServerStream => {
-                    let ping = self.ping();
-                    let mut request = self.request(SendStreamRequest {
-                        message: ping.message,
-                        count: i32::try_from(self.plan.stream_count).unwrap_or(i32::MAX),
-                        interval: self.plan.interval,
-                        payload: ping.payload,
-                    });
+                    let mut request = self.request(self.plan.stream.clone());
                     if endless {
                         // The run's end cuts it, not a deadline.
                         request.metadata_mut().remove("grpc-timeout");
                     }
-                    let mut pongs = client.send_stream(request).await?.into_inner();
+                    let mut pongs = client.send_stream(request).await?;
                     let _open = self.stream_opened();
-                    while pongs.message().await?.is_some() {
+                    let mut position = 0;
+                    while let Some(pong) = pongs.message().await? {
+                        in_order(&pong, position)?;
+                        position += 1;
                         self.message_arrived();
                     }
                 }
                 BenchKind::Bidi => {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    let mut pongs = client
-                        .chat(self.request(ReceiverStream::new(rx)))
-                        .await?
-                        .into_inner();
+                    let mut pongs = client.chat(self.request(ReceiverStream::new(rx))).await?;
                     let _open = self.stream_opened();
-                    for _ in 0..self.plan.stream_count {
-                        tx.send(self.ping())
+                    for position in 0..self.plan.stream_count {
+                        tx.send(self.plan.ping.clone())
                             .await
                             .map_err(|_| Status::unavailable("the chat ended early"))?;
-                        if pongs.message().await?.is_none() {
-                            return Err(Status::unavailable("the chat ended early"));
+                        match pongs.message().await? {
+                            Some(pong) => in_order(&pong, position)?,
+                            None => return Err(Status::unavailable("the chat ended early")),
                         }
                         self.message_arrived();
                     }
@@ -354,7 +344,7 @@ impl Drop for OpenStream<'_> {
 }
 
 /// A closed-loop caller: one call at a time, the next as soon as the previous one ends.
-async fn closed_loop(shared: Arc<Shared>, mut client: PingServiceClient<Connection>) {
+async fn closed_loop(shared: Arc<Shared>, mut client: Client) {
     let mut samples = Vec::with_capacity(FLUSH_EVERY);
     loop {
         let start = Instant::now();
@@ -376,7 +366,7 @@ async fn closed_loop(shared: Arc<Shared>, mut client: PingServiceClient<Connecti
 /// One open-loop call, due at `due`; waits for a slot on its connection first.
 async fn open_call(
     shared: Arc<Shared>,
-    mut client: PingServiceClient<Connection>,
+    mut client: Client,
     slots: Arc<Semaphore>,
     due: Instant,
     measured: bool,
@@ -398,7 +388,7 @@ async fn open_call(
 /// started.
 fn dispatch(
     shared: &Arc<Shared>,
-    clients: &[PingServiceClient<Connection>],
+    clients: &[Client],
     slots: &[Arc<Semaphore>],
     schedule: Schedule,
     done: &Arc<AtomicU64>,
@@ -496,11 +486,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     let mut clients = Vec::new();
     for _ in 0..args.connections {
         let channel = connect(&args.target).await?;
-        clients.push(
-            PingServiceClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        );
+        clients.push(Client::new(channel));
     }
 
     let start = Instant::now();
@@ -513,8 +499,16 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
             requests: args.requests,
             timeout: args.timeout,
             stream_count: args.stream_count,
-            interval: args.interval.map(|d| d.try_into().unwrap_or_default()),
-            payload: payload(args.payload_size),
+            ping: Encoded::of(&SendRequest {
+                message: "bench".to_string(),
+                payload: payload(args.payload_size),
+            }),
+            stream: Encoded::of(&SendStreamRequest {
+                message: "bench".to_string(),
+                count: i32::try_from(args.stream_count).unwrap_or(i32::MAX),
+                interval: args.interval.map(|d| d.try_into().unwrap_or_default()),
+                payload: payload(args.payload_size),
+            }),
             token,
         },
         tickets: AtomicU64::new(0),

@@ -187,6 +187,38 @@ async fn a_bench_s_calls_in_flight_are_answered_in_batches() {
 
 // `runmesh` runs blocking this test's thread; another worker drains ping's log lines meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bench_s_streams_and_chats_are_answered_in_order_to_the_last_message() {
+    let ping = Service::start("ping", &[("AUTH_MODE", "off".into())]).await;
+    for kind in ["server-stream", "bidi"] {
+        let out = runmesh(&[
+            "bench",
+            "--target",
+            &ping.url,
+            "--kind",
+            kind,
+            "--stream-count",
+            "7",
+            "--concurrency",
+            "4",
+            "--requests",
+            "20",
+            "--duration",
+            "60s",
+            "--warmup",
+            "0s",
+            "--json",
+        ]);
+        let result = &json_lines(&out)[0];
+        // Each answer's index is checked against its place in the stream: out of order would
+        // count the call as INTERNAL.
+        assert_eq!(result["errors"], serde_json::json!({}), "{kind}: {result}");
+        assert_eq!(result["calls"], 20, "{kind}: {result}");
+        assert_eq!(result["messages"], 140, "{kind}: {result}");
+    }
+}
+
+// `runmesh` runs blocking this test's thread; another worker drains ping's log lines meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_errors_by_status_and_refuses_what_it_cannot_load() {
     let ping = Service::start(
         "ping",
