@@ -37,6 +37,8 @@ use crate::procs::{Proc, Window, free_port};
 const RELAY_SA: &str = "relay@runmesh-bench.iam.gserviceaccount.com";
 /// The service account gateway calls relay as.
 const GATEWAY_SA: &str = "gateway@runmesh-bench.iam.gserviceaccount.com";
+/// The load generator's column beside the services' in the CPU table.
+const CLIENT: &str = "runmesh";
 /// The benchmark's end user.
 const USER: &str = "bench@example.com";
 /// Longest a service may take to come up before the run fails.
@@ -176,6 +178,14 @@ impl Run {
             writes_per_call: BTreeMap::new(),
             waited_us: BTreeMap::new(),
             idle_us: None,
+        }
+    }
+
+    /// The CPU `runmesh bench` reported of itself per call (or message), beside the services':
+    /// it shares the cores with them, so what it spends is in every row's share of direct.
+    fn client_cpu(&mut self) {
+        if let Some(us) = self.report["client_cpu_us"].as_f64() {
+            self.cpu_us.insert(CLIENT.to_string(), us);
         }
     }
 
@@ -518,6 +528,7 @@ impl Harness {
         let mut run = Run::new("", scenario.name, report);
         run.peak_rss_kib = peaks;
         run.per_call(&used, count);
+        run.client_cpu();
         Ok(run)
     }
 
@@ -925,4 +936,21 @@ async fn main() -> ExitCode {
     }
     println!("wrote {} and {}", json.display(), svg.display());
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_s_own_cpu_is_a_column_beside_the_services() {
+        let report = serde_json::json!({"calls": 100, "client_cpu_us": 10.5});
+        let mut run = Run::new("unary-64", "relay", report);
+        run.client_cpu();
+        assert_eq!(run.cpu_us.get(CLIENT), Some(&10.5));
+        // h2load reports none.
+        let mut run = Run::new("unary-64", "relay", serde_json::json!({"calls": 100}));
+        run.client_cpu();
+        assert!(run.cpu_us.is_empty());
+    }
 }

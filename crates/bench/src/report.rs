@@ -138,9 +138,10 @@ pub(crate) fn table(
 
 /// CPU each process spent per call (per message for streams), µs, for `runs` by each client: what
 /// a hop costs, apart from how the shared cores happened to be divided between the processes.
+/// `runmesh bench` reports its own, as a column of its name; h2load's is not measured.
 pub(crate) fn cpu_table(runs: &[(&str, &[Run])]) -> String {
     per_process_table(
-        "CPU per call (per message for streams), µs",
+        "CPU per call (per message for streams), µs; runmesh: `runmesh bench`, the client",
         runs,
         |run| &run.cpu_us,
         1,

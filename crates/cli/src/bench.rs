@@ -156,6 +156,9 @@ struct Report<'a> {
     /// Failed calls by gRPC status code.
     errors: BTreeMap<&'static str, u64>,
     first_error: Option<String>,
+    /// CPU this client spent per message received (per call for unary) after the warm-up,
+    /// µs: what it took from a service sharing its machine. `None` without `/proc`.
+    client_cpu_us: Option<f64>,
 }
 
 /// What every call of the run shares.
@@ -520,6 +523,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         tally: Mutex::new(Tally::default()),
     });
 
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        cpu_used()
+    });
     let bar = progress_bar(&args, duration.map(|d| d + args.warmup));
     let ticker = {
         let (shared, bar) = (shared.clone(), bar.clone());
@@ -590,6 +597,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     }
     ticker.abort();
     bar.finish_and_clear();
+    let cpu = cpu_at_start
+        .await
+        .ok()
+        .flatten()
+        .zip(cpu_used())
+        .map(|(start, end)| end.saturating_sub(start));
 
     let tally = shared.tally.lock().expect("tally lock").clone();
     let counted_out = args
@@ -619,6 +632,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         spectrum_us: tally.spectrum(),
         errors: tally.errors.clone(),
         first_error: tally.first_error.clone(),
+        client_cpu_us: cpu
+            .filter(|_| messages > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / messages as f64),
     };
     print_report(&report, args.json);
     if tally.calls == 0 && messages == 0 {
@@ -628,6 +644,21 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         });
     }
     Ok(())
+}
+
+/// CPU this process has used, all its threads together, ended ones included; `None` where there
+/// is no `/proc`.
+fn cpu_used() -> Option<Duration> {
+    cpu_of_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// User and system time of a `/proc/PID/stat` line (`proc(5)`: fields 14 and 15, in ticks of
+/// 10 ms: `USER_HZ` is 100 on Linux whatever the kernel's own tick).
+fn cpu_of_stat(stat: &str) -> Option<Duration> {
+    // The command (field 2) may hold spaces and parentheses; field 3 follows its last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
 }
 
 fn print_report(r: &Report<'_>, json: bool) {
@@ -685,6 +716,14 @@ fn print_report(r: &Report<'_>, json: bool) {
         l.p50, l.p90, l.p99, l.p99_9, l.max
     );
     let _ = writeln!(out, "  errors    {errors}");
+    if let Some(us) = r.client_cpu_us {
+        let per = if r.kind == BenchKind::Unary {
+            "call"
+        } else {
+            "message"
+        };
+        let _ = writeln!(out, "  client    {us:.2} µs of CPU per {per}");
+    }
     if let Some(e) = &r.first_error {
         let _ = writeln!(out, "  first error: {e}");
     }
@@ -702,6 +741,15 @@ mod tests {
             last
         );
         assert_eq!(measured_window(None, true, last), last);
+    }
+
+    #[test]
+    fn cpu_is_user_and_system_time_of_the_stat_line() {
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 731 269 0 0 20 0 3 0";
+        assert_eq!(cpu_of_stat(stat), Some(Duration::from_millis(10_000)));
+        assert_eq!(cpu_of_stat("4242 (short) S 1 2"), None);
+        assert_eq!(cpu_of_stat("no command"), None);
+        assert!(cpu_used().is_some(), "this test runs on Linux");
     }
 
     #[test]

@@ -214,6 +214,7 @@ async fn a_bench_s_streams_and_chats_are_answered_in_order_to_the_last_message()
         assert_eq!(result["errors"], serde_json::json!({}), "{kind}: {result}");
         assert_eq!(result["calls"], 20, "{kind}: {result}");
         assert_eq!(result["messages"], 140, "{kind}: {result}");
+        assert!(result["client_cpu_us"].as_f64().is_some(), "{result}");
     }
 }
 
