@@ -26,7 +26,10 @@ use std::{
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runmesh_forward::upstream::{self, Streaming};
-use runmesh_proto::ping::v1::{SendRequest, SendStreamRequest};
+use runmesh_proto::{
+    ping::v1::{SendRequest, SendStreamRequest},
+    raw::Raw,
+};
 use runmesh_runtime::status::{MalformedDetails, MalformedDetailsLayer, RewriteStatus, code_name};
 use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -39,7 +42,7 @@ use tonic::{
 use tower::Layer;
 
 use self::{
-    client::{Client, Encoded, in_order},
+    client::{Client, in_order},
     schedule::Schedule,
     stats::{Latency, Tally},
 };
@@ -174,9 +177,9 @@ struct Plan {
     timeout: Duration,
     stream_count: u32,
     /// The `SendRequest` of every unary call and every ping of a chat.
-    ping: Encoded,
+    ping: Raw,
     /// The `SendStreamRequest` of every server stream.
-    stream: Encoded,
+    stream: Raw,
     token: Option<MetadataValue<Ascii>>,
 }
 
@@ -502,11 +505,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
             requests: args.requests,
             timeout: args.timeout,
             stream_count: args.stream_count,
-            ping: Encoded::of(&SendRequest {
+            ping: Raw::encode(&SendRequest {
                 message: "bench".to_string(),
                 payload: payload(args.payload_size),
             }),
-            stream: Encoded::of(&SendStreamRequest {
+            stream: Raw::encode(&SendStreamRequest {
                 message: "bench".to_string(),
                 count: i32::try_from(args.stream_count).unwrap_or(i32::MAX),
                 interval: args.interval.map(|d| d.try_into().unwrap_or_default()),

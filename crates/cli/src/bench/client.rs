@@ -8,9 +8,9 @@
 //! still checks that every answer is a well-formed `SendResponse` (protobuf's wire format,
 //! every skipped field's length) and that a stream's answers come in order.
 
-use bytes::{BufMut, Bytes};
 use futures::Stream;
 use prost::Message;
+use runmesh_proto::raw::Raw;
 use tonic::{
     Request, Status, Streaming,
     client::Grpc,
@@ -51,22 +51,12 @@ impl Answer {
     }
 }
 
-/// A request message encoded once, sent as it is on every call.
-#[derive(Debug, Clone)]
-pub(crate) struct Encoded(Bytes);
-
-impl Encoded {
-    pub(crate) fn of(message: &impl Message) -> Self {
-        Self(message.encode_to_vec().into())
-    }
-}
-
-/// Writes [`Encoded`] requests as they are; reads answers as [`Answer`]s.
+/// Writes requests as they were encoded; reads answers as [`Answer`]s.
 #[derive(Debug, Default)]
 struct AnswerCodec;
 
 impl Codec for AnswerCodec {
-    type Encode = Encoded;
+    type Encode = Raw;
     type Decode = Answer;
     type Encoder = WriteEncoded;
     type Decoder = ProstDecoder<Answer>;
@@ -84,11 +74,11 @@ impl Codec for AnswerCodec {
 struct WriteEncoded;
 
 impl Encoder for WriteEncoded {
-    type Item = Encoded;
+    type Item = Raw;
     type Error = Status;
 
-    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item.0);
+    fn encode(&mut self, item: Raw, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.write(dst);
         Ok(())
     }
 }
@@ -107,7 +97,7 @@ impl Client {
     }
 
     /// `Send`.
-    pub(crate) async fn send(&mut self, request: Request<Encoded>) -> Result<Answer, Status> {
+    pub(crate) async fn send(&mut self, request: Request<Raw>) -> Result<Answer, Status> {
         self.ready().await?;
         let path = PathAndQuery::from_static(SEND);
         Ok(self.0.unary(request, path, AnswerCodec).await?.into_inner())
@@ -116,7 +106,7 @@ impl Client {
     /// `SendStream`: the answers as they arrive.
     pub(crate) async fn send_stream(
         &mut self,
-        request: Request<Encoded>,
+        request: Request<Raw>,
     ) -> Result<Streaming<Answer>, Status> {
         self.ready().await?;
         let path = PathAndQuery::from_static(SEND_STREAM);
@@ -127,7 +117,7 @@ impl Client {
     /// `Chat`: pings as `request` yields them, the answers as they arrive.
     pub(crate) async fn chat(
         &mut self,
-        request: Request<impl Stream<Item = Encoded> + Send + 'static>,
+        request: Request<impl Stream<Item = Raw> + Send + 'static>,
     ) -> Result<Streaming<Answer>, Status> {
         self.ready().await?;
         let path = PathAndQuery::from_static(CHAT);
@@ -209,15 +199,5 @@ mod tests {
         for (path, method) in [(SEND, "Send"), (SEND_STREAM, "SendStream"), (CHAT, "Chat")] {
             assert_eq!(path.strip_prefix(&service), Some(method));
         }
-    }
-
-    #[test]
-    fn a_request_goes_out_as_it_was_encoded() {
-        let ping = runmesh_proto::ping::v1::SendRequest {
-            message: "bench".into(),
-            payload: vec![1, 2, 3],
-        };
-        let encoded = Encoded::of(&ping);
-        assert_eq!(encoded.0, ping.encode_to_vec());
     }
 }
