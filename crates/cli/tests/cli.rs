@@ -14,6 +14,25 @@ fn runmesh(args: &[&str]) -> Output {
         .expect("run runmesh")
 }
 
+/// `runmesh bench --json` against `target` for `requests` calls, all measured; `extra` flags after.
+fn bench(target: &str, requests: u32, extra: &[&str]) -> Output {
+    let requests = requests.to_string();
+    let mut args = vec![
+        "bench",
+        "--target",
+        target,
+        "--requests",
+        &requests,
+        "--duration",
+        "60s",
+        "--warmup",
+        "0s",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    runmesh(&args)
+}
+
 fn json_lines(out: &Output) -> Vec<Value> {
     assert!(
         out.status.success(),
@@ -158,22 +177,11 @@ async fn a_bench_s_calls_in_flight_are_answered_in_batches() {
     .await;
     let calls = 2000;
     let before = ping.proc.writes();
-    let out = runmesh(&[
-        "bench",
-        "--target",
+    let out = bench(
         &ping.url,
-        "--connections",
-        "1",
-        "--concurrency",
-        "16",
-        "--requests",
-        &calls.to_string(),
-        "--duration",
-        "60s",
-        "--warmup",
-        "0s",
-        "--json",
-    ]);
+        calls,
+        &["--connections", "1", "--concurrency", "16"],
+    );
     let result = &json_lines(&out)[0];
     assert_eq!(result["calls"], calls, "{result}");
     assert_eq!(result["errors"], serde_json::json!({}), "{result}");
@@ -190,24 +198,11 @@ async fn a_bench_s_calls_in_flight_are_answered_in_batches() {
 async fn a_bench_s_streams_and_chats_are_answered_in_order_to_the_last_message() {
     let ping = Service::start("ping", &[("AUTH_MODE", "off".into())]).await;
     for kind in ["server-stream", "bidi"] {
-        let out = runmesh(&[
-            "bench",
-            "--target",
+        let out = bench(
             &ping.url,
-            "--kind",
-            kind,
-            "--stream-count",
-            "7",
-            "--concurrency",
-            "4",
-            "--requests",
-            "20",
-            "--duration",
-            "60s",
-            "--warmup",
-            "0s",
-            "--json",
-        ]);
+            20,
+            &["--kind", kind, "--stream-count", "7", "--concurrency", "4"],
+        );
         let result = &json_lines(&out)[0];
         // Each answer's index is checked against its place in the stream: out of order would
         // count the call as INTERNAL.
@@ -229,24 +224,8 @@ async fn bench_counts_errors_by_status_and_refuses_what_it_cannot_load() {
         ],
     )
     .await;
-    let bench = |target: &str, extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "--target",
-            target,
-            "--requests",
-            "50",
-            "--duration",
-            "60s",
-            "--warmup",
-            "0s",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        runmesh(&args)
-    };
     for kind in ["unary", "server-stream", "bidi"] {
-        let out = bench(&ping.url, &["--kind", kind]);
+        let out = bench(&ping.url, 50, &["--kind", kind]);
         assert!(!out.status.success(), "{kind}: no call succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -267,7 +246,7 @@ async fn bench_counts_errors_by_status_and_refuses_what_it_cannot_load() {
         ("ftp://127.0.0.1:1", "bad --target \"ftp://127.0.0.1:1\""),
         ("127.0.0.1:8080", "bad --target \"127.0.0.1:8080\""),
     ] {
-        let out = bench(target, &[]);
+        let out = bench(target, 50, &[]);
         assert!(!out.status.success(), "{target}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(error), "{target}: {err}");
