@@ -13,7 +13,10 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use http::{Extensions, HeaderMap, HeaderName};
 use runmesh_auth::Caller;
-use runmesh_proto::raw::Raw;
+use runmesh_proto::{
+    path::{CHAT, COLLECT, SEND, SEND_STREAM},
+    raw::Raw,
+};
 use runmesh_runtime::{
     Drain,
     deadline::{self, bounded},
@@ -40,12 +43,6 @@ const FORWARDED: [HeaderName; 2] = [
 
 /// The service part of every method path, for span names.
 const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
-
-/// The path of each method, as served and as called upstream.
-pub(crate) const SEND: &str = "/runmesh.ping.v1.PingService/Send";
-pub(crate) const SEND_STREAM: &str = "/runmesh.ping.v1.PingService/SendStream";
-pub(crate) const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
-pub(crate) const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
 
 /// The answers of a streaming method, this hop already in each one's trail.
 pub(crate) type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;

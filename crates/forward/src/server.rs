@@ -29,13 +29,16 @@ use bytes::Bytes;
 use futures::Stream;
 use http::{HeaderMap, HeaderName, HeaderValue, header::CONTENT_TYPE};
 use http_body::Frame;
-use runmesh_proto::raw::Raw;
+use runmesh_proto::{
+    path::{CHAT, COLLECT, SEND, SEND_STREAM},
+    raw::Raw,
+};
 use tonic::{Request, Status, body::Body, metadata::MetadataValue, server::NamedService};
 use tower::Service;
 
 use crate::{
     Forwarder,
-    forwarder::{CHAT, COLLECT, PongStream, SEND, SEND_STREAM},
+    forwarder::PongStream,
     framing::{Batch, Deframe},
 };
 

@@ -25,3 +25,35 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// Full name of the service, as reflection and health report it.
 pub const PING_SERVICE_NAME: &str = "runmesh.ping.v1.PingService";
+
+/// The HTTP/2 path of each method of `PingService`, for code that calls or serves it without the
+/// generated client and server (the hops, `runmesh bench`).
+pub mod path {
+    /// Unary `Send`.
+    pub const SEND: &str = "/runmesh.ping.v1.PingService/Send";
+    /// Server-streaming `SendStream`.
+    pub const SEND_STREAM: &str = "/runmesh.ping.v1.PingService/SendStream";
+    /// Client-streaming `Collect`.
+    pub const COLLECT: &str = "/runmesh.ping.v1.PingService/Collect";
+    /// Bidi `Chat`.
+    pub const CHAT: &str = "/runmesh.ping.v1.PingService/Chat";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_path_is_a_method_of_the_service() {
+        let service = format!("/{PING_SERVICE_NAME}/");
+        let paths = [
+            (path::SEND, "Send"),
+            (path::SEND_STREAM, "SendStream"),
+            (path::COLLECT, "Collect"),
+            (path::CHAT, "Chat"),
+        ];
+        for (path, method) in paths {
+            assert_eq!(path.strip_prefix(&service), Some(method));
+        }
+    }
+}
