@@ -370,6 +370,22 @@ pub(crate) fn targets(
 }
 
 /// The targets as lines of text.
+/// What a wake costs this machine before any service runs (`machine`): the shares below were
+/// measured under it, and a wake onto an idle core is part of every hop's call.
+pub(crate) fn wake_text(wake: &serde_json::Value) -> String {
+    let us = |key: &str| wake.get(key).and_then(serde_json::Value::as_f64);
+    let one = us("one_core").map(|one| format!("{one:.1} µs on one core"));
+    let across = us("across_cores").map(|across| format!("{across:.1} µs across two cores"));
+    let said: Vec<String> = [across, one].into_iter().flatten().collect();
+    if said.is_empty() {
+        return String::new();
+    }
+    format!(
+        "one byte from thread to thread and back: {}\n",
+        said.join(", ")
+    )
+}
+
 pub(crate) fn targets_text(targets: &[Target]) -> String {
     let mut t = String::from("\ntargets (issue 8):\n");
     for target in targets {
@@ -505,6 +521,21 @@ pub(crate) fn chart(path: &Path, runs: &[Run], latency_1x1: &[Run]) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_wake_line_says_what_was_measured() {
+        let both = serde_json::json!({"one_core": 7.04, "across_cores": 41.93});
+        assert_eq!(
+            wake_text(&both),
+            "one byte from thread to thread and back: 41.9 µs across two cores, 7.0 µs on one core\n"
+        );
+        let one = serde_json::json!({"one_core": 7.0});
+        assert_eq!(
+            wake_text(&one),
+            "one byte from thread to thread and back: 7.0 µs on one core\n"
+        );
+        assert_eq!(wake_text(&serde_json::json!({})), "");
+    }
+
     use super::*;
 
     fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
