@@ -1,7 +1,7 @@
 //! What handing work from one process to another costs on this machine, apart from any service.
 //!
 //! Every call through a hop wakes the next process, and a wake that lands on an idle core waits
-//! for that core to start again. In a VM that can cost more than a call's own work: on the
+//! for that core to start again. In a VM that costs nearly as much as a call's own work: on the
 //! 2-vCPU VMs of the README's figures, one byte sent from thread to thread and back took 42–47 µs
 //! across the two cores and 7–10 µs on one (`perf bench sched pipe` agrees), while a relay call
 //! costs ~25 µs of CPU. Every run measures it first, so a scenario's share of direct can be read
