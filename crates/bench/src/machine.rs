@@ -19,6 +19,37 @@ use nix::{
     unistd::Pid,
 };
 
+/// Where `results.json` keeps the probe's figures, under `machine`.
+pub(crate) const WAKE_ROUND_TRIP: &str = "wake_round_trip_us";
+/// Both threads on the first core the process may use.
+pub(crate) const ONE_CORE: &str = "one_core";
+/// The threads on the first two cores the process may use.
+pub(crate) const ACROSS_CORES: &str = "across_cores";
+
+/// One byte's round trip between two threads in µs, on one core and across two: what waking
+/// another process costs here before any service does. A pair whose probe fails is left out,
+/// with a warning; one core only, there is no pair across.
+pub(crate) fn wake_costs(rounds: u32) -> serde_json::Map<String, serde_json::Value> {
+    let cores = cores();
+    let mut pairs = Vec::new();
+    if let Some(&a) = cores.first() {
+        pairs.push((ONE_CORE, a, a));
+        if let Some(&b) = cores.get(1) {
+            pairs.push((ACROSS_CORES, a, b));
+        }
+    }
+    let mut costs = serde_json::Map::new();
+    for (name, a, b) in pairs {
+        match round_trip(a, b, rounds) {
+            Ok(mean) => {
+                costs.insert(name.into(), (mean.as_secs_f64() * 1e6).into());
+            }
+            Err(e) => eprintln!("warning: wake probe {name}: {e}"),
+        }
+    }
+    costs
+}
+
 /// The mean time one byte takes to go from a thread on core `a` to a thread on core `b` over a
 /// socket and back, over `rounds` round trips after as many untimed ones.
 pub(crate) fn round_trip(a: usize, b: usize, rounds: u32) -> Result<Duration, String> {
@@ -67,7 +98,7 @@ pub(crate) fn round_trip(a: usize, b: usize, rounds: u32) -> Result<Duration, St
 }
 
 /// The cores this process may run on.
-pub(crate) fn cores() -> Vec<usize> {
+fn cores() -> Vec<usize> {
     sched_getaffinity(Pid::from_raw(0)).map_or_else(
         |_| Vec::new(),
         |set| {
@@ -96,6 +127,21 @@ mod tests {
         let mean = round_trip(cores[0], cores[0], 200).unwrap();
         assert!(mean > Duration::ZERO);
         assert!(mean < Duration::from_secs(1), "{mean:?} for one byte");
+    }
+
+    #[test]
+    fn the_costs_name_each_pair_measured() {
+        let costs = wake_costs(100);
+        assert!(
+            costs[ONE_CORE].as_f64().is_some_and(|us| us > 0.0),
+            "{costs:?}"
+        );
+        // Across two cores only where the process may use two.
+        assert_eq!(
+            costs.contains_key(ACROSS_CORES),
+            cores().len() > 1,
+            "{costs:?}"
+        );
     }
 
     #[test]

@@ -595,7 +595,13 @@ impl Harness {
                 .map_err(|e| eprintln!("warning: {e}; leaving out the h2load runs"))
                 .ok()
         };
-        let mut machine = machine_facts(if a.smoke { 1_000 } else { 20_000 });
+        let mut machine = machine_facts();
+        // Before any service runs, so nothing else wants the cores.
+        let rounds = if a.smoke { 1_000 } else { 20_000 };
+        let wake = tokio::task::spawn_blocking(move || machine::wake_costs(rounds))
+            .await
+            .unwrap_or_default();
+        machine.insert(machine::WAKE_ROUND_TRIP, wake.into());
         if let Some(n) = &nginx_bin {
             machine.insert(
                 "nginx",
@@ -839,7 +845,7 @@ fn read_loadavg() -> String {
         .to_string()
 }
 
-fn machine_facts(rounds: u32) -> BTreeMap<&'static str, Value> {
+fn machine_facts() -> BTreeMap<&'static str, Value> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -862,35 +868,8 @@ fn machine_facts(rounds: u32) -> BTreeMap<&'static str, Value> {
             .into(),
     );
     m.insert("loadavg_before", read_loadavg().into());
-    m.insert("wake_round_trip_us", wake_costs(rounds).into());
     m
 }
-
-/// One byte's round trip between two threads, on one core and across two, in µs: what waking
-/// another process costs here before any service does (`machine`). Left out where it fails.
-fn wake_costs(rounds: u32) -> serde_json::Map<String, Value> {
-    let cores = machine::cores();
-    let mut pairs = Vec::new();
-    if let Some(&a) = cores.first() {
-        pairs.push((ONE_CORE, a, a));
-        if let Some(&b) = cores.get(1) {
-            pairs.push((ACROSS_CORES, a, b));
-        }
-    }
-    let mut costs = serde_json::Map::new();
-    for (name, a, b) in pairs {
-        match machine::round_trip(a, b, rounds) {
-            Ok(mean) => {
-                costs.insert(name.into(), (mean.as_secs_f64() * 1e6).into());
-            }
-            Err(e) => eprintln!("warning: wake probe {name}: {e}"),
-        }
-    }
-    costs
-}
-
-const ONE_CORE: &str = "one_core";
-const ACROSS_CORES: &str = "across_cores";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -944,7 +923,7 @@ async fn main() -> ExitCode {
         report::wake_text(
             results
                 .machine
-                .get("wake_round_trip_us")
+                .get(machine::WAKE_ROUND_TRIP)
                 .unwrap_or(&Value::Null)
         )
     );

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{Run, ServiceFacts, WORKLOADS, Workload};
+use crate::{Run, ServiceFacts, WORKLOADS, Workload, machine};
 
 /// One of the issue's targets and whether this run met it (`None`: not measured here).
 #[derive(Debug, Clone, Serialize)]
@@ -369,13 +369,12 @@ pub(crate) fn targets(
     out
 }
 
-/// The targets as lines of text.
 /// What a wake costs this machine before any service runs (`machine`): the shares below were
 /// measured under it, and a wake onto an idle core is part of every hop's call.
 pub(crate) fn wake_text(wake: &serde_json::Value) -> String {
     let us = |key: &str| wake.get(key).and_then(serde_json::Value::as_f64);
-    let one = us("one_core").map(|one| format!("{one:.1} µs on one core"));
-    let across = us("across_cores").map(|across| format!("{across:.1} µs across two cores"));
+    let one = us(machine::ONE_CORE).map(|one| format!("{one:.1} µs on one core"));
+    let across = us(machine::ACROSS_CORES).map(|across| format!("{across:.1} µs across two cores"));
     let said: Vec<String> = [across, one].into_iter().flatten().collect();
     if said.is_empty() {
         return String::new();
@@ -386,6 +385,7 @@ pub(crate) fn wake_text(wake: &serde_json::Value) -> String {
     )
 }
 
+/// The targets as lines of text.
 pub(crate) fn targets_text(targets: &[Target]) -> String {
     let mut t = String::from("\ntargets (issue 8):\n");
     for target in targets {
@@ -521,6 +521,8 @@ pub(crate) fn chart(path: &Path, runs: &[Run], latency_1x1: &[Run]) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_wake_line_says_what_was_measured() {
         let both = serde_json::json!({"one_core": 7.04, "across_cores": 41.93});
@@ -535,8 +537,6 @@ mod tests {
         );
         assert_eq!(wake_text(&serde_json::json!({})), "");
     }
-
-    use super::*;
 
     fn run(workload: &'static str, scenario: &'static str, per_s: f64, p99: f64) -> Run {
         Run::new(
