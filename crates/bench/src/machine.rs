@@ -4,8 +4,8 @@
 //! for that core to start again. In a VM that is a large part of a call's own work: on the
 //! 2-vCPU VMs of the README's figures, one byte sent from thread to thread and back took 37–47 µs
 //! across the two cores and 9–10 µs on one (`perf bench sched pipe`: 41.9 and 7.1 µs), about
-//! 17 µs a wake, while a relay call costs ~25 µs of CPU. Every run measures it first, so a scenario's share of direct can be read
-//! against the machine it came from.
+//! 17 µs a wake, while a relay call costs ~25 µs of CPU. Every run measures it first, so a
+//! scenario's share of direct can be read against the machine it came from.
 
 use std::{
     io::{Read, Write},
@@ -52,7 +52,7 @@ pub(crate) fn wake_costs(rounds: u32) -> serde_json::Map<String, serde_json::Val
 
 /// The mean time one byte takes to go from a thread on core `a` to a thread on core `b` over a
 /// socket and back, over `rounds` round trips after as many untimed ones.
-pub(crate) fn round_trip(a: usize, b: usize, rounds: u32) -> Result<Duration, String> {
+fn round_trip(a: usize, b: usize, rounds: u32) -> Result<Duration, String> {
     let (mut near, mut far) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let echo = thread::spawn(move || -> Result<u32, String> {
         pin(b)?;
