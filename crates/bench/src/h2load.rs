@@ -57,6 +57,9 @@ pub(crate) struct Report {
     pub(crate) data_bytes: u64,
     pub(crate) latency_mean_us: f64,
     pub(crate) latency_max_us: f64,
+    /// CPU h2load spent from the end of its warm-up, when it starts counting, to its exit, ns;
+    /// `None` when it exited during the warm-up.
+    pub(crate) cpu_ns: Option<u64>,
 }
 
 /// `12.3us`, `1.20ms`, `2.5s` in µs.
@@ -117,6 +120,7 @@ pub(crate) fn parse(out: &str) -> Result<Report, String> {
         data_bytes,
         latency_mean_us: mean,
         latency_max_us: max,
+        cpu_ns: None,
     })
 }
 
@@ -143,7 +147,8 @@ pub(crate) async fn run(
     std::fs::write(&body, request_body(load.payload))
         .map_err(|e| format!("{}: {e}", body.display()))?;
     let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let output = tokio::process::Command::new(h2load)
+    let reaped_before = procs::reaped_children_cpu_ns();
+    let child = tokio::process::Command::new(h2load)
         .arg(format!(
             "{}/{}/Send",
             target.trim_end_matches('/'),
@@ -158,10 +163,31 @@ pub(crate) async fn run(
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .args(["-H", &format!("authorization: Bearer {token}")])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .map_err(|e| format!("h2load: {e}"))?;
+    let pid = child.id();
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let early = tokio::select! {
+        out = &mut output => Some(out),
+        () = tokio::time::sleep(load.warmup) => None,
+    };
+    // h2load counts from the end of its warm-up. Its CPU until then is in /proc; once it has
+    // exited and been reaped, all of it is only in the kernel's sum over reaped children.
+    let warmed_up = pid.filter(|_| early.is_none()).map(procs::cpu_ns);
+    let output = match early {
+        Some(out) => out,
+        None => output.await,
+    }
+    .map_err(|e| format!("h2load: {e}"))?;
+    let cpu_ns = warmed_up.map(|warm| {
+        procs::reaped_children_cpu_ns()
+            .saturating_sub(reaped_before)
+            .saturating_sub(warm)
+    });
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(format!(
@@ -170,7 +196,10 @@ pub(crate) async fn run(
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    let report = parse(&text)?;
+    let report = Report {
+        cpu_ns,
+        ..parse(&text)?
+    };
     verify(&report, load.payload).map_err(|e| format!("h2load against {target}: {e}"))?;
     Ok(report)
 }
@@ -221,6 +250,7 @@ time for connect:      111us       203us       157us        46us    50.00%
                 data_bytes: 8_576_776,
                 latency_mean_us: 1200.0,
                 latency_max_us: 12340.0,
+                cpu_ns: None,
             }
         );
         assert_eq!(verify(&r, 64), Ok(()));

@@ -41,6 +41,8 @@ const RELAY_SA: &str = "relay@runmesh-bench.iam.gserviceaccount.com";
 const GATEWAY_SA: &str = "gateway@runmesh-bench.iam.gserviceaccount.com";
 /// The load generator's column beside the services' in the CPU table.
 const CLIENT: &str = "runmesh";
+/// The other client of the unary workloads, in the same tables.
+const H2LOAD: &str = "h2load";
 /// The benchmark's end user.
 const USER: &str = "bench@example.com";
 /// Longest a service may take to come up before the run fails.
@@ -165,6 +167,9 @@ struct Run {
     waited_us: BTreeMap<String, f64>,
     /// Time the cores were idle, all of them together, per call (or message), µs.
     idle_us: Option<f64>,
+    /// Calls (or messages) a second the run would have reached had no core sat idle, at what
+    /// each process spent per call ([`Run::no_idle_bound`]).
+    no_idle_per_s: Option<f64>,
 }
 
 impl Run {
@@ -180,15 +185,47 @@ impl Run {
             writes_per_call: BTreeMap::new(),
             waited_us: BTreeMap::new(),
             idle_us: None,
+            no_idle_per_s: None,
         }
     }
 
-    /// The CPU `runmesh bench` reported of itself per call (or message), beside the services':
-    /// it shares the cores with them, so what it spends is in every row's share of direct.
+    /// The CPU the client spent per call (or message), beside the services': it shares the
+    /// cores with them, so what it spends is in every row's share of direct. `runmesh bench`
+    /// reports its own; the harness measures h2load's.
     fn client_cpu(&mut self) {
         if let Some(us) = self.report["client_cpu_us"].as_f64() {
-            self.cpu_us.insert(CLIENT.to_string(), us);
+            let client = self.report["client"].as_str().unwrap_or(CLIENT);
+            self.cpu_us.insert(client.to_string(), us);
         }
+    }
+
+    /// The throughput the run's CPU per call allows on `cores` with none of them idle: all the
+    /// processes share the cores, and none uses more of them than it has threads doing the
+    /// work (a client one, a service `workers`). A share of direct mixes what the hops cost
+    /// with how the kernel spread the processes over the cores; this bound is the first alone.
+    /// `None` without the client's CPU, which would leave the bound too high.
+    fn no_idle_bound(&mut self, cores: f64, workers: f64) {
+        let has_client = [CLIENT, H2LOAD]
+            .iter()
+            .any(|c| self.cpu_us.contains_key(*c));
+        let total: f64 = self.cpu_us.values().sum();
+        if !has_client || total <= 0.0 {
+            return;
+        }
+        let threads = |name: &str| {
+            if name == CLIENT || name == H2LOAD {
+                1.0
+            } else {
+                workers
+            }
+        };
+        let per_s = self
+            .cpu_us
+            .iter()
+            .filter(|(_, us)| **us > 0.0)
+            .map(|(name, us)| threads(name) * 1e6 / us)
+            .fold(cores * 1e6 / total, f64::min);
+        self.no_idle_per_s = Some(per_s);
     }
 
     /// What `window` measured while the client counted `count` calls (or messages), per call.
@@ -559,15 +596,17 @@ impl Harness {
                 let r = r?;
                 services.check_running()?;
                 let report = serde_json::json!({
-                    "client": "h2load",
+                    "client": H2LOAD,
                     "calls": r.done,
                     "calls_per_s": r.calls_per_s,
                     "latency_us": { "mean": r.latency_mean_us, "max": r.latency_max_us },
                     "errors": {},
                     "data_bytes": r.data_bytes,
+                    "client_cpu_us": r.cpu_ns.map(|ns| ns as f64 / 1000.0 / r.done as f64),
                 });
                 let mut run = Run::new(w.key, s.name, report);
                 run.per_call(&used, r.done as f64);
+                run.client_cpu();
                 runs.push(run);
             }
         }
@@ -662,7 +701,7 @@ impl Harness {
             }
         }
 
-        let h2load_runs = match &h2load_bin {
+        let mut h2load_runs = match &h2load_bin {
             Some(bin) => self.h2load_runs(bin, &mut services, &scenarios).await?,
             None => Vec::new(),
         };
@@ -800,6 +839,10 @@ impl Harness {
             .and_then(|r| r.report["peak_open_streams"].as_u64())
             .unwrap_or(0);
         settings.insert("open_streams_reached", opened.into());
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        for run in runs.iter_mut().chain(&mut h2load_runs) {
+            run.no_idle_bound(cores, a.workers.into());
+        }
         let targets = report::targets(&runs, &h2load_runs, &latency_1x1, &facts, opened);
         Ok(Results {
             machine,
@@ -965,9 +1008,60 @@ mod tests {
         let mut run = Run::new("unary-64", "relay", report);
         run.client_cpu();
         assert_eq!(run.cpu_us.get(CLIENT), Some(&10.5));
-        // h2load reports none.
-        let mut run = Run::new("unary-64", "relay", serde_json::json!({"calls": 100}));
+        // A run h2load made carries what the harness measured of it, under its name.
+        let report = serde_json::json!({"client": H2LOAD, "calls": 100, "client_cpu_us": 4.0});
+        let mut run = Run::new("unary-64", "relay", report);
+        run.client_cpu();
+        assert_eq!(run.cpu_us.get(H2LOAD), Some(&4.0));
+        // An h2load run that ended in its warm-up has nothing measured.
+        let report = serde_json::json!({"client": H2LOAD, "calls": 100, "client_cpu_us": null});
+        let mut run = Run::new("unary-64", "relay", report);
         run.client_cpu();
         assert!(run.cpu_us.is_empty());
+    }
+
+    fn spent(cpu_us: &[(&str, f64)]) -> Run {
+        let mut run = Run::new("unary-64", "chain", serde_json::json!({}));
+        run.cpu_us = cpu_us.iter().map(|(n, us)| (n.to_string(), *us)).collect();
+        run
+    }
+
+    #[test]
+    fn with_no_core_idle_the_cores_or_the_busiest_thread_set_the_pace() {
+        // 2 cores, 100 µs of CPU a call in all: 20,000 calls a second, no process over a core.
+        let mut chain = spent(&[
+            ("gateway", 40.0),
+            ("relay", 30.0),
+            ("ping", 20.0),
+            (H2LOAD, 10.0),
+        ]);
+        chain.no_idle_bound(2.0, 1.0);
+        assert_eq!(chain.no_idle_per_s, Some(20_000.0));
+        // One thread at 50 µs a call cannot pass 20,000 however idle the other core is.
+        let mut direct = spent(&[("ping", 50.0), (CLIENT, 10.0)]);
+        direct.no_idle_bound(2.0, 1.0);
+        assert_eq!(direct.no_idle_per_s, Some(20_000.0));
+        // With two workers ping may use both cores: the cores are the bound.
+        direct.no_idle_bound(2.0, 2.0);
+        assert_eq!(direct.no_idle_per_s, Some(2e6 / 60.0));
+        // A process the scenario does not pass through spends nothing and bounds nothing.
+        let mut relay = spent(&[
+            ("relay", 25.0),
+            ("ping", 0.0),
+            ("gateway", 0.0),
+            (CLIENT, 25.0),
+        ]);
+        relay.no_idle_bound(2.0, 1.0);
+        assert_eq!(relay.no_idle_per_s, Some(40_000.0));
+    }
+
+    #[test]
+    fn without_the_client_s_cpu_there_is_no_bound() {
+        let mut run = spent(&[("relay", 25.0), ("ping", 10.0)]);
+        run.no_idle_bound(2.0, 1.0);
+        assert_eq!(run.no_idle_per_s, None);
+        let mut run = spent(&[]);
+        run.no_idle_bound(2.0, 1.0);
+        assert_eq!(run.no_idle_per_s, None);
     }
 }

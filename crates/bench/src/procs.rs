@@ -10,6 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::sys::{
+    resource::{UsageWho, getrusage},
+    time::TimeVal,
+};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -279,6 +283,23 @@ fn sched_ns(pid: u32) -> (u64, u64) {
         .fold((0, 0), |(run, wait), (r, w)| (run + r, wait + w))
 }
 
+/// CPU time of all of `pid`'s threads so far, ns.
+pub(crate) fn cpu_ns(pid: u32) -> u64 {
+    sched_ns(pid).0
+}
+
+/// CPU time of this process's children that have exited and been reaped, ns: what is left of a
+/// child's CPU once `/proc` no longer has it.
+pub(crate) fn reaped_children_cpu_ns() -> u64 {
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0, |u| {
+        let ns = |t: TimeVal| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_usec()).unwrap_or(0) * 1_000
+        };
+        ns(u.user_time()) + ns(u.system_time())
+    })
+}
+
 /// The run and wait times, ns, of a `schedstat` line (`<run ns> <wait ns> <timeslices>`).
 pub(crate) fn parse_schedstat(line: &str) -> Option<(u64, u64)> {
     let mut fields = line.split_whitespace().map(str::parse);
@@ -435,6 +456,23 @@ mod tests {
         let status = "Name:\tping\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss(status), Some(12345));
         assert_eq!(parse_vm_rss("Name:\tping\n"), None);
+    }
+
+    #[test]
+    fn a_child_s_cpu_is_still_counted_once_it_is_reaped() {
+        let before = reaped_children_cpu_ns();
+        let started = Instant::now();
+        let status = Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        let spent = reaped_children_cpu_ns() - before;
+        // Other tests' children may be reaped meanwhile, but no process outruns the cores.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u128;
+        let most = started.elapsed().as_nanos() * cores + u128::from(NS_PER_TICK);
+        assert!(spent > 0, "the loop's CPU was lost");
+        assert!(u128::from(spent) <= most, "{spent} ns in {most} ns");
     }
 
     #[test]
