@@ -696,6 +696,13 @@ mod tests {
         );
     }
 
+    fn named<'a>(targets: &'a [Target], name: &str) -> &'a Target {
+        targets
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no target {name:?}"))
+    }
+
     #[test]
     fn the_share_with_no_core_idle_is_beside_the_measured_one() {
         let mut chain = run("unary-64", "chain", 250.0, 100.0);
@@ -705,10 +712,10 @@ mod tests {
         // Direct has no bound measured here.
         assert_eq!(no_idle_share(&runs, "unary-64", "direct"), None);
         let targets = targets(&runs, &[], &[], &BTreeMap::new(), 1000);
-        let chain = targets
-            .iter()
-            .find(|t| t.name == "full chain keeps ≥ 33 % of direct (unary 64 B, runmesh bench)")
-            .unwrap();
+        let chain = named(
+            &targets,
+            "full chain keeps ≥ 33 % of direct (unary 64 B, runmesh bench)",
+        );
         // Judged on what was measured, not on the bound.
         assert_eq!(chain.met, Some(false));
         assert_eq!(chain.measured, "25.0 % (no idle: 35.0 %)");
@@ -736,17 +743,17 @@ mod tests {
         assert_eq!(pct(Some(0.45)), "45.0 %");
         assert_eq!(pct(Some(9.0 / 20.0)), "45.0 %");
         assert_eq!(pct(None), "-");
-        // Run I of the README: 48.18 % against nginx's 32.13 %, 1.4994 ×, shown as 1.50 ×.
+        // Run I of the README: 48.18 % against nginx's 32.13 %, 1.4994 ×, once shown as 1.50 ×.
         let runs = [
             run("unary-4k", "direct", 29072.0, 100.0),
             run("unary-4k", "relay", 14006.0, 200.0),
             run("unary-4k", "nginx", 9341.0, 400.0),
         ];
         let targets = targets(&runs, &[], &[], &BTreeMap::new(), 1000);
-        let ratio = targets
-            .iter()
-            .find(|t| t.name == "relay's share ≥ 1.5 × nginx's (unary 4 KiB, runmesh bench)")
-            .unwrap();
+        let ratio = named(
+            &targets,
+            "relay's share ≥ 1.5 × nginx's (unary 4 KiB, runmesh bench)",
+        );
         assert_eq!(ratio.met, Some(false));
         assert_eq!(ratio.measured, "1.49 × (32.1 %)");
     }
