@@ -205,20 +205,12 @@ impl Run {
     /// with how the kernel spread the processes over the cores; this bound is the first alone.
     /// `None` without the client's CPU, which would leave the bound too high.
     fn no_idle_bound(&mut self, cores: f64, workers: f64) {
-        let has_client = [CLIENT, H2LOAD]
-            .iter()
-            .any(|c| self.cpu_us.contains_key(*c));
+        let is_client = |name: &str| name == CLIENT || name == H2LOAD;
         let total: f64 = self.cpu_us.values().sum();
-        if !has_client || total <= 0.0 {
+        if !self.cpu_us.keys().any(|n| is_client(n)) || total <= 0.0 {
             return;
         }
-        let threads = |name: &str| {
-            if name == CLIENT || name == H2LOAD {
-                1.0
-            } else {
-                workers
-            }
-        };
+        let threads = |name: &str| if is_client(name) { 1.0 } else { workers };
         let per_s = self
             .cpu_us
             .iter()
@@ -839,7 +831,11 @@ impl Harness {
             .and_then(|r| r.report["peak_open_streams"].as_u64())
             .unwrap_or(0);
         settings.insert("open_streams_reached", opened.into());
-        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let cores = machine
+            .get("cores")
+            .and_then(Value::as_f64)
+            .filter(|&c| c > 0.0)
+            .unwrap_or(1.0);
         for run in runs.iter_mut().chain(&mut h2load_runs) {
             run.no_idle_bound(cores, a.workers.into());
         }
