@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{Run, ServiceFacts, WORKLOADS, Workload, machine};
+use crate::{CLIENT, H2LOAD, Run, ServiceFacts, WORKLOADS, Workload, machine};
 
 /// One of the targets and whether this run met it (`None`: not measured here).
 #[derive(Debug, Clone, Serialize)]
@@ -200,6 +200,11 @@ fn per_process_table(
         .flat_map(|(_, runs)| runs.iter())
         .flat_map(|r| value(r).keys().map(String::as_str))
         .collect();
+    // The services first, the clients after them.
+    let (clients, services): (Vec<&str>, Vec<&str>) = names
+        .into_iter()
+        .partition(|n| [CLIENT, H2LOAD].contains(n));
+    let names: Vec<&str> = services.into_iter().chain(clients).collect();
     let mut t = String::new();
     if names.is_empty() {
         return t;
@@ -611,6 +616,20 @@ mod tests {
             "{text}"
         );
         assert_eq!(cpu_table(&[("runmesh", &[])]), "");
+    }
+
+    #[test]
+    fn the_clients_columns_come_after_the_services() {
+        let mut by_runmesh = run("unary-64", "relay", 500.0, 200.0);
+        by_runmesh.cpu_us = [(CLIENT.to_string(), 20.0), ("relay".to_string(), 40.0)].into();
+        let mut by_h2load = run("unary-64", "relay", 500.0, 200.0);
+        by_h2load.cpu_us = [(H2LOAD.to_string(), 8.0), ("gateway".to_string(), 50.0)].into();
+        let text = cpu_table(&[(CLIENT, &[by_runmesh]), (H2LOAD, &[by_h2load])]);
+        let header = text.lines().find(|l| l.starts_with("workload")).unwrap();
+        assert!(
+            header.ends_with(" gateway    relay   h2load  runmesh"),
+            "{header}"
+        );
     }
 
     #[test]
