@@ -169,20 +169,14 @@ pub(crate) async fn run(
         .spawn()
         .map_err(|e| format!("h2load: {e}"))?;
     let pid = child.id();
-    let output = child.wait_with_output();
-    tokio::pin!(output);
-    let early = tokio::select! {
-        out = &mut output => Some(out),
-        () = tokio::time::sleep(load.warmup) => None,
-    };
     // h2load counts from the end of its warm-up. Its CPU until then is in /proc; once it has
     // exited and been reaped, all of it is only in the kernel's sum over reaped children.
-    let warmed_up = pid.filter(|_| early.is_none()).map(procs::cpu_ns);
-    let output = match early {
-        Some(out) => out,
-        None => output.await,
-    }
-    .map_err(|e| format!("h2load: {e}"))?;
+    let (output, warmed_up) = procs::after_warmup(load.warmup, child.wait_with_output(), || {
+        pid.map(procs::cpu_ns)
+    })
+    .await;
+    let output = output.map_err(|e| format!("h2load: {e}"))?;
+    let warmed_up = warmed_up.flatten();
     let cpu_ns = warmed_up.map(|warm| {
         procs::reaped_children_cpu_ns()
             .saturating_sub(reaped_before)

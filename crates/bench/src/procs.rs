@@ -352,6 +352,23 @@ pub(crate) struct Window {
     pub(crate) idle_ns: u64,
 }
 
+/// Runs `run` to its end, taking `sample` once `warmup` has passed, when a load generator starts
+/// counting; no sample when `run` ended first.
+pub(crate) async fn after_warmup<F: Future, S>(
+    warmup: Duration,
+    run: F,
+    sample: impl FnOnce() -> S,
+) -> (F::Output, Option<S>) {
+    tokio::pin!(run);
+    tokio::select! {
+        out = &mut run => (out, None),
+        () = tokio::time::sleep(warmup) => {
+            let taken = sample();
+            (run.await, Some(taken))
+        }
+    }
+}
+
 /// Runs `run` and measures what each of `pids` uses, and how long the cores were idle, from
 /// `warmup` after the start (when a load generator starts counting) until `run` ends.
 pub(crate) async fn usage_during<F: Future>(
@@ -366,16 +383,9 @@ pub(crate) async fn usage_during<F: Future>(
             .collect();
         (used, idle_ns())
     };
-    tokio::pin!(run);
-    let early = tokio::select! {
-        out = &mut run => Some(out),
-        () = tokio::time::sleep(warmup) => None,
-    };
-    let (start, idle_start) = sample();
-    let out = match early {
-        Some(out) => out,
-        None => run.await,
-    };
+    let (out, start) = after_warmup(warmup, run, sample).await;
+    // A run over before its warm-up measured nothing.
+    let (start, idle_start) = start.unwrap_or_else(sample);
     let (end, idle_end) = sample();
     let used = end
         .into_iter()
@@ -456,6 +466,22 @@ mod tests {
         let status = "Name:\tping\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(parse_vm_rss(status), Some(12345));
         assert_eq!(parse_vm_rss("Name:\tping\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_sample_is_taken_after_the_warm_up_only_if_the_run_lasts_that_long() {
+        let warmup = Duration::from_millis(50);
+        let quick = async { 1 };
+        assert_eq!(after_warmup(warmup, quick, || "taken").await, (1, None));
+        let started = Instant::now();
+        let slow = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            2
+        };
+        let (out, at) = after_warmup(warmup, slow, || started.elapsed()).await;
+        assert_eq!(out, 2);
+        let at = at.expect("a sample once the warm-up passed");
+        assert!(at >= warmup && at < Duration::from_millis(500), "{at:?}");
     }
 
     #[test]
