@@ -43,6 +43,11 @@ const GATEWAY_SA: &str = "gateway@runmesh-bench.iam.gserviceaccount.com";
 const CLIENT: &str = "runmesh";
 /// The other client of the unary workloads, in the same tables.
 const H2LOAD: &str = "h2load";
+
+/// Whether a process's name is a load generator's: one thread, and a column after the services'.
+fn is_client(name: &str) -> bool {
+    name == CLIENT || name == H2LOAD
+}
 /// The benchmark's end user.
 const USER: &str = "bench@example.com";
 /// Longest a service may take to come up before the run fails.
@@ -205,7 +210,6 @@ impl Run {
     /// with how the kernel spread the processes over the cores; this bound is the first alone.
     /// `None` without the client's CPU, which would leave the bound too high.
     fn no_idle_bound(&mut self, cores: f64, workers: f64) {
-        let is_client = |name: &str| name == CLIENT || name == H2LOAD;
         let total: f64 = self.cpu_us.values().sum();
         if !self.cpu_us.keys().any(|n| is_client(n)) || total <= 0.0 {
             return;

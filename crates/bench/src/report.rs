@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{CLIENT, H2LOAD, Run, ServiceFacts, WORKLOADS, Workload, machine};
+use crate::{Run, ServiceFacts, WORKLOADS, Workload, is_client, machine};
 
 /// One of the targets and whether this run met it (`None`: not measured here).
 #[derive(Debug, Clone, Serialize)]
@@ -51,19 +51,27 @@ fn find<'a>(runs: &'a [Run], workload: &str, scenario: &str) -> Option<&'a Run> 
         .find(|r| r.workload == workload && r.scenario == scenario)
 }
 
+/// `of(scenario's run)` in `workload` as a share of direct's measured throughput.
+fn of_direct(
+    runs: &[Run],
+    workload: &str,
+    scenario: &str,
+    of: impl Fn(&Run) -> Option<f64>,
+) -> Option<f64> {
+    let direct = throughput(find(runs, workload, "direct")?);
+    let it = of(find(runs, workload, scenario)?)?;
+    (direct > 0.0).then(|| it / direct)
+}
+
 /// `scenario`'s throughput as a share of direct's in `workload`.
 fn share(runs: &[Run], workload: &str, scenario: &str) -> Option<f64> {
-    let direct = throughput(find(runs, workload, "direct")?);
-    let it = throughput(find(runs, workload, scenario)?);
-    (direct > 0.0).then(|| it / direct)
+    of_direct(runs, workload, scenario, |r| Some(throughput(r)))
 }
 
 /// What `scenario` in `workload` would have kept of direct's throughput had no core sat idle: its
 /// bound ([`Run::no_idle_bound`]) against what direct measured.
 fn no_idle_share(runs: &[Run], workload: &str, scenario: &str) -> Option<f64> {
-    let direct = throughput(find(runs, workload, "direct")?);
-    let bound = find(runs, workload, scenario)?.no_idle_per_s?;
-    (direct > 0.0).then(|| bound / direct)
+    of_direct(runs, workload, scenario, |r| r.no_idle_per_s)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -201,9 +209,7 @@ fn per_process_table(
         .flat_map(|r| value(r).keys().map(String::as_str))
         .collect();
     // The services first, the clients after them.
-    let (clients, services): (Vec<&str>, Vec<&str>) = names
-        .into_iter()
-        .partition(|n| [CLIENT, H2LOAD].contains(n));
+    let (clients, services): (Vec<&str>, Vec<&str>) = names.into_iter().partition(|n| is_client(n));
     let names: Vec<&str> = services.into_iter().chain(clients).collect();
     let mut t = String::new();
     if names.is_empty() {
@@ -620,6 +626,8 @@ mod tests {
 
     #[test]
     fn the_clients_columns_come_after_the_services() {
+        use crate::{CLIENT, H2LOAD};
+
         let mut by_runmesh = run("unary-64", "relay", 500.0, 200.0);
         by_runmesh.cpu_us = [(CLIENT.to_string(), 20.0), ("relay".to_string(), 40.0)].into();
         let mut by_h2load = run("unary-64", "relay", 500.0, 200.0);
