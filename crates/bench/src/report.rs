@@ -770,7 +770,7 @@ mod tests {
         assert_eq!(pct(Some(0.45)), "45.0 %");
         assert_eq!(pct(Some(9.0 / 20.0)), "45.0 %");
         assert_eq!(pct(None), "-");
-        // Run I of the README: 48.18 % against nginx's 32.13 %, 1.4994 ×, once shown as 1.50 ×.
+        // Run I (`docs/profiling.md`): 48.18 % vs nginx's 32.13 %, 1.4994 ×, once shown as 1.50 ×.
         let runs = [
             run("unary-4k", "direct", 29072.0, 100.0),
             run("unary-4k", "relay", 14006.0, 200.0),
