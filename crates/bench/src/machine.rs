@@ -3,7 +3,7 @@
 //! Every call through a hop wakes the next process, and a wake that lands on an idle core waits
 //! for that core to start again. In a VM that can be a large part of a call's own work: on the
 //! 2-vCPU VMs of the README's and `docs/profiling.md`'s figures, one byte sent from thread to
-//! thread and back took 11–69 µs across the two cores, depending on the machine, and 3–12 µs on
+//! thread and back took 11–69 µs across the two cores, depending on the machine, and 3–15 µs on
 //! one (`perf bench sched pipe` on one of them: 41.9 and 7.1 µs, about 17 µs a wake), while a
 //! relay call costs 20–40 µs of CPU. Every run measures it first, so a scenario's share of direct
 //! can be read against the machine it came from.
