@@ -122,7 +122,7 @@ pub(crate) fn table(
     );
     for run in latency_1x1 {
         let added = direct_p50.map_or("-".to_string(), |d| {
-            format!("{:+.1}", latency(run, "p50") - d)
+            format!("{:+.1}", up(latency(run, "p50") - d, 1))
         });
         let _ = writeln!(
             t,
@@ -817,6 +817,9 @@ mod tests {
             (added.met, added.measured.as_str()),
             (Some(false), "150.1 µs")
         );
+        let row = table(&[], &lone(338.687), &services);
+        let row = row.lines().find(|l| l.starts_with("relay ")).unwrap();
+        assert!(row.ends_with("+150.1"), "{row}");
         let at = targets(&[], &[], &lone(338.6), &services, 1000);
         let added = named(&at, "relay adds ≤ 150 µs to p50 (1 connection, 1 call)");
         assert_eq!(
