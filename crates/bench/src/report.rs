@@ -111,19 +111,14 @@ pub(crate) fn table(
         );
     }
     let _ = writeln!(t, "\none connection, one call at a time (unary 64 B):");
-    let direct_p50 = latency_1x1
-        .iter()
-        .find(|r| r.scenario == "direct")
-        .map(|r| latency(r, "p50"));
     let _ = writeln!(
         t,
         "{:<8} {:>10} {:>10} {:>10} {:>14}",
         "scenario", "req/s", "p50 µs", "p99 µs", "p50 added µs"
     );
     for run in latency_1x1 {
-        let added = direct_p50.map_or("-".to_string(), |d| {
-            format!("{:+.1}", up(latency(run, "p50") - d, 1))
-        });
+        let added = p50_added(latency_1x1, run.scenario)
+            .map_or("-".to_string(), |a| format!("{:+.1}", up(a, 1)));
         let _ = writeln!(
             t,
             "{:<8} {:>10.0} {:>10.1} {:>10.1} {added:>14}",
@@ -266,6 +261,18 @@ fn down(x: f64, places: i32) -> f64 {
     (x * scale + 1e-9).floor() / scale
 }
 
+/// What `scenario` adds to direct's p50, one call at a time: the table and the verdict both show
+/// it, and must agree.
+fn p50_added(latency_1x1: &[Run], scenario: &str) -> Option<f64> {
+    let p50 = |s: &str| {
+        latency_1x1
+            .iter()
+            .find(|r| r.scenario == s)
+            .map(|r| latency(r, "p50"))
+    };
+    p50(scenario).zip(p50("direct")).map(|(r, d)| r - d)
+}
+
 /// `x` raised to `places` decimals, for figures that must stay at or under a limit: shown at the
 /// limit, they have met it (rounded, run AG's 150.016 µs showed as 150.0 µs beside NOT MET).
 /// Adding zero turns the `-0.0` that raising a hair under zero gives into `0.0`.
@@ -390,13 +397,7 @@ pub(crate) fn targets(
         "chain",
         0.5,
     ));
-    let p50 = |s| {
-        latency_1x1
-            .iter()
-            .find(|r| r.scenario == s)
-            .map(|r| latency(r, "p50"))
-    };
-    let added = p50("relay").zip(p50("direct")).map(|(r, d)| r - d);
+    let added = p50_added(latency_1x1, "relay");
     out.push(Target {
         name: "relay adds ≤ 150 µs to p50 (1 connection, 1 call)".into(),
         measured: added.map_or("-".into(), |a| format!("{:.1} µs", up(a, 1))),
