@@ -142,7 +142,7 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     message
 }
 
-/// Adds `x-serverless-authorization: Bearer <id token>` to every request (see [`bearer`] for why
+/// Adds `x-serverless-authorization: Bearer <id token>` to every request (see `Bearer` for why
 /// not `authorization`), or nothing when off.
 #[derive(Clone)]
 pub struct IdTokenLayer {

@@ -99,7 +99,7 @@ impl ServiceConfig for Config {
     }
 }
 
-/// The hop's service, health names and auth, ready for [`runmesh_runtime::serve`].
+/// The hop's service, health names and auth, ready for [`runmesh_runtime::serve()`].
 pub fn app(config: &Config, forwarder: Forwarder, drain: Drain) -> App<PingServer> {
     App {
         name: config.role.name(),

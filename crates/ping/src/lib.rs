@@ -292,7 +292,7 @@ impl PingService for Ping {
     }
 }
 
-/// ping's service, health names and auth, ready for [`runmesh_runtime::serve`].
+/// ping's service, health names and auth, ready for [`runmesh_runtime::serve()`].
 pub fn app(config: &Config, ping: Ping, drain: Drain) -> App<PingServiceServer<Ping>> {
     App::ping_service("ping", ping, &config.server, &config.auth, drain)
 }

@@ -28,7 +28,7 @@
 //! A server learns of its calls late: hyper hands a request to the service stack only when the
 //! request's own task first runs, so by the time the first answer is written the calls read with
 //! it have not reached [`CountCallsLayer`] yet. A server's [`CoalescedIo`] therefore also counts
-//! the calls its client starts as their HEADERS frames are read ([`NewStreams`]), until the
+//! the calls its client starts as their HEADERS frames are read (`NewStreams`), until the
 //! layer takes them over.
 
 use std::{

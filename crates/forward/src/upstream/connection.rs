@@ -72,7 +72,7 @@ pub enum TransportError {
         #[source]
         source: BoxError,
     },
-    /// The connection attempt took longer than [`CONNECT_TIMEOUT`].
+    /// The connection attempt took longer than `CONNECT_TIMEOUT`.
     #[error("connecting to {0}: timed out after {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(Authority),
     /// The call was refused before the upstream saw it: the connection was closing or closed,
