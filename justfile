@@ -23,6 +23,7 @@ fmt:
 # Lint as CI does.
 lint:
     cargo clippy --workspace --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # Deploy the three services to Cloud Run (see docs/deploy.md); pass --dry-run to only print.
 deploy *ARGS:
