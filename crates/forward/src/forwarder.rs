@@ -47,7 +47,7 @@ const SERVICE: &str = runmesh_proto::PING_SERVICE_NAME;
 /// The answers of a streaming method, this hop already in each one's trail.
 pub(crate) type PongStream = Pin<Box<dyn Stream<Item = Result<Raw, Status>> + Send>>;
 
-/// `PingService` answered by calling the same method upstream; the crate's `server` module serves it.
+/// `PingService` answered by calling the same method upstream; the `server` module serves it.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     hop: &'static str,
